@@ -1,0 +1,219 @@
+"""Audio I/O and prompt clean-up without torchaudio: soundfile to read and write, soxr to resample.
+
+Waves are float32 in [-1, 1]. Functions that transform a wave return the same kind (numpy or
+torch) they were given, so dataset code (numpy) and inference code (torch) share them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+Wave = TypeVar("Wave", np.ndarray, torch.Tensor)
+
+DEFAULT_SR = 24000
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: unreadable, empty, silent or malformed."""
+
+
+class SilentAudioError(AudioError):
+    """A prompt (or other input) with no audible signal."""
+
+
+def _to_numpy(wave: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(wave, torch.Tensor):
+        return wave.detach().cpu().float().numpy()
+    return np.asarray(wave, dtype=np.float32)
+
+
+def _like(result: np.ndarray, template: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    if isinstance(template, torch.Tensor):
+        return torch.from_numpy(np.ascontiguousarray(result)).to(template.device)
+    return result
+
+
+def load_audio(path: str | Path, target_sr: int = DEFAULT_SR) -> torch.Tensor:
+    """Read any format soundfile supports -> mono float32 tensor (samples,) at `target_sr`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"audio file {path} does not exist")
+    if not path.is_file():
+        raise AudioError(f"audio path {path} is not a file")
+    try:
+        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile's errors are terse; say which file and why
+        raise AudioError(f"cannot read audio file {path}: {err}") from err
+    if data.shape[0] == 0:
+        raise AudioError(f"audio file {path} is empty (0 samples)")
+    if not np.isfinite(data).all():
+        raise AudioError(f"audio file {path} contains NaN or infinite samples")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if sample_rate != target_sr:
+        mono = resample(mono, sample_rate, target_sr)
+    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+
+def resample(wave: Wave, orig_sr: int, target_sr: int) -> Wave:
+    """High-quality (soxr HQ) resampling of (samples,) or (channels, samples)."""
+    if orig_sr <= 0 or target_sr <= 0:
+        raise ValueError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
+    if orig_sr == target_sr:
+        return wave
+    data = _to_numpy(wave)
+    if data.ndim == 1:
+        out = soxr.resample(data, orig_sr, target_sr, quality="HQ")
+    elif data.ndim == 2:  # soxr wants (frames, channels)
+        out = soxr.resample(data.T, orig_sr, target_sr, quality="HQ").T
+    else:
+        raise ValueError(f"resample expects (samples,) or (channels, samples), got {data.shape}")
+    return _like(out.astype(np.float32, copy=False), wave)
+
+
+def rms(wave: np.ndarray | torch.Tensor) -> float:
+    data = _to_numpy(wave)
+    return float(np.sqrt(np.mean(np.square(data, dtype=np.float64)))) if data.size else 0.0
+
+
+def rms_normalize(wave: Wave, target_rms: float = 0.1) -> tuple[Wave, float]:
+    """Raise a quiet wave's RMS to `target_rms`; louder waves are left alone.
+
+    Returns (wave, scale); generated audio divided by `scale` comes back at the prompt's level,
+    as the reference inference tool does. A silent wave gets scale 1 (nothing to scale).
+    """
+    level = rms(wave)
+    if level <= 0.0 or level >= target_rms:
+        return wave, 1.0
+    scale = target_rms / level
+    return wave * scale, scale
+
+
+def level_db(wave: np.ndarray | torch.Tensor) -> float:
+    """RMS level in dB relative to full scale (-inf for digital silence)."""
+    level = rms(wave)
+    return 20.0 * math.log10(level) if level > 0.0 else -math.inf
+
+
+def is_silent(wave: np.ndarray | torch.Tensor, threshold_db: float = -60.0) -> bool:
+    """True when the wave's RMS level is below `threshold_db` dBFS (or it has no samples)."""
+    return level_db(wave) < threshold_db
+
+
+def check_not_silent(
+    wave: np.ndarray | torch.Tensor, source: str | Path, threshold_db: float = -60.0
+) -> None:
+    """Refuse a silent prompt, naming where it came from."""
+    if _to_numpy(wave).size == 0:
+        raise SilentAudioError(f"audio from {source} is empty")
+    if is_silent(wave, threshold_db):
+        raise SilentAudioError(
+            f"audio from {source} is silent (RMS {level_db(wave):.1f} dBFS, below "
+            f"{threshold_db:.1f} dBFS); record a prompt with audible speech"
+        )
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) index ranges where mask is True."""
+    padded = np.concatenate([[False], mask, [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def trim_silence(
+    wave: Wave,
+    sample_rate: int = DEFAULT_SR,
+    threshold_db: float = -40.0,
+    frame_s: float = 0.01,
+    edge_keep_s: float = 0.05,
+    max_internal_silence_s: float = 0.5,
+) -> Wave:
+    """Cut leading/trailing silence and shorten internal pauses longer than a limit.
+
+    A frame is silent when its RMS is `threshold_db` below the loudest frame's, so the rule works
+    for quiet and loud recordings alike. `edge_keep_s` of silence stays at each end so onsets
+    are not clipped; an internal pause keeps half the limit on each side of the cut.
+    A wave with no signal at all is returned unchanged (reject it with `check_not_silent`).
+    """
+    data = _to_numpy(wave)
+    if data.ndim != 1:
+        raise ValueError(f"trim_silence expects a mono (samples,) wave, got {data.shape}")
+    frame = max(1, round(frame_s * sample_rate))
+    num_frames = math.ceil(data.size / frame)
+    if num_frames == 0:
+        return wave
+    framed = np.pad(data, (0, num_frames * frame - data.size)).reshape(num_frames, frame)
+    energy = np.mean(np.square(framed, dtype=np.float64), axis=1)
+    peak = energy.max()
+    if peak <= 0.0:
+        return wave
+    silent = energy < peak * 10.0 ** (threshold_db / 10.0)
+
+    keep_edge = round(edge_keep_s * sample_rate)
+    keep_side = round(max_internal_silence_s * sample_rate / 2)
+    pieces: list[tuple[int, int]] = []
+    cursor = 0
+    for start_frame, end_frame in _runs(silent):
+        start, end = start_frame * frame, min(end_frame * frame, data.size)
+        if start == 0:  # leading silence
+            cursor = max(0, end - keep_edge)
+        elif end >= data.size:  # trailing silence
+            pieces.append((cursor, min(data.size, start + keep_edge)))
+            cursor = data.size
+        elif end - start > 2 * keep_side:
+            pieces.append((cursor, start + keep_side))
+            cursor = end - keep_side
+    if cursor < data.size:
+        pieces.append((cursor, data.size))
+    trimmed = np.concatenate([data[a:b] for a, b in pieces]) if pieces else data[:0]
+    return _like(trimmed, wave)
+
+
+def save_wav(
+    path: str | Path,
+    wave: np.ndarray | torch.Tensor,
+    sr: int = DEFAULT_SR,
+    subtype: Literal["PCM_16", "FLOAT"] = "PCM_16",
+    overwrite: bool = True,
+) -> Path:
+    """Write a WAV atomically (temp file in the same folder, fsync, rename).
+
+    `wave` is (samples,) or (channels, samples). 16-bit output is clipped to [-1, 1] rather
+    than letting out-of-range samples wrap around.
+    """
+    path = Path(path)
+    if subtype not in ("PCM_16", "FLOAT"):
+        raise ValueError(f"subtype must be 'PCM_16' or 'FLOAT', got {subtype!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    data = _to_numpy(wave)
+    if data.ndim == 2:
+        data = data.T  # soundfile wants (frames, channels)
+    elif data.ndim != 1:
+        raise ValueError(f"save_wav expects (samples,) or (channels, samples), got {data.shape}")
+    if not np.isfinite(data).all():
+        raise AudioError(f"refusing to write {path}: wave contains NaN or infinite samples")
+    if subtype == "PCM_16":
+        data = np.clip(data, -1.0, 1.0)
+
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            sf.write(handle, data, sr, subtype=subtype, format="WAV")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
