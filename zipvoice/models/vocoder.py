@@ -257,11 +257,16 @@ def _build(config_path: Path, weights_path: Path) -> Vocos:
     return vocoder.eval()
 
 
-def load_vocoder(path: str | Path | None = None, repo_id: str = HUB_REPO) -> Vocos:
+def load_vocoder(path: str | Path | None = None, repo_id: str = HUB_REPO) -> nn.Module:
     """A ready (eval-mode) vocoder from a local folder, or from the hub when `path` is None.
 
-    The folder holds `config.yaml` and `pytorch_model.bin` or `model.safetensors`.
+    The folder holds `config.yaml` and `pytorch_model.bin` or `model.safetensors`. The name
+    "griffin-lim" gives the training-free `GriffinLimVocoder` (offline demos, tiny models).
     """
+    from zipvoice.models.griffin_lim import GRIFFIN_LIM_NAME, GriffinLimVocoder
+
+    if path is not None and str(path) == GRIFFIN_LIM_NAME:
+        return GriffinLimVocoder().eval()
     if path is None:
         from huggingface_hub import hf_hub_download
 
