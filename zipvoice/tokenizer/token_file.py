@@ -1,0 +1,190 @@
+"""Token files: one `token<TAB>id` a line, `_` is the padding token.
+
+A fine-tuned model keeps the pretrained embedding rows, so an extended token file must keep
+every base token at its base id and only append new tokens after them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN = "_"
+
+
+class TokenFileError(ValueError):
+    """A token file is malformed or inconsistent with another one."""
+
+
+def read_token_file(path: str | Path) -> dict[str, int]:
+    """Read `token<TAB>id` lines, checking what the model relies on (unique ids, a pad token)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file not found: {path}")
+    token2id: dict[str, int] = {}
+    id2token: dict[int, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = raw.rstrip("\r\n")
+            if not line:
+                continue
+            # The token itself may be a space, so split on the last tab only.
+            token, sep, id_text = line.rpartition("\t")
+            if not sep or token == "":
+                raise TokenFileError(f"{path}:{line_no}: expected 'token<TAB>id', got {line!r}")
+            try:
+                token_id = int(id_text)
+            except ValueError:
+                raise TokenFileError(
+                    f"{path}:{line_no}: id {id_text!r} of token {token!r} is not an integer"
+                ) from None
+            if token_id < 0:
+                raise TokenFileError(f"{path}:{line_no}: negative id {token_id} for {token!r}")
+            if token in token2id:
+                raise TokenFileError(
+                    f"{path}:{line_no}: duplicate token {token!r} "
+                    f"(already has id {token2id[token]})"
+                )
+            if token_id in id2token:
+                raise TokenFileError(
+                    f"{path}:{line_no}: duplicate id {token_id} for {token!r} "
+                    f"(already used by {id2token[token_id]!r})"
+                )
+            token2id[token] = token_id
+            id2token[token_id] = token
+    if not token2id:
+        raise TokenFileError(f"{path}: token file is empty")
+    if PAD_TOKEN not in token2id:
+        raise TokenFileError(f"{path}: no padding token {PAD_TOKEN!r}")
+    return token2id
+
+
+def write_token_file(
+    path: str | Path, token2id: Mapping[str, int], overwrite: bool = False
+) -> None:
+    """Write atomically (temp file + fsync + rename) in id order; never clobber by accident."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    if PAD_TOKEN not in token2id:
+        raise TokenFileError(f"refusing to write {path}: no padding token {PAD_TOKEN!r}")
+    ids = sorted(token2id.values())
+    if len(set(ids)) != len(ids):
+        raise TokenFileError(f"refusing to write {path}: duplicate ids")
+    for token in token2id:
+        if token == "" or "\t" in token or "\n" in token or "\r" in token:
+            raise TokenFileError(f"refusing to write {path}: unwritable token {token!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for token, token_id in sorted(token2id.items(), key=lambda item: item[1]):
+                f.write(f"{token}\t{token_id}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def extend_token_file(base: Mapping[str, int], new_tokens: Iterable[str]) -> dict[str, int]:
+    """Append tokens missing from `base` after its largest id, in the order first given.
+
+    Callers pass a sorted inventory, so the result depends only on the inputs.
+    """
+    extended = dict(base)
+    next_id = max(base.values(), default=-1) + 1
+    for token in new_tokens:
+        if token in extended:
+            continue
+        extended[token] = next_id
+        next_id += 1
+    return extended
+
+
+def check_token_prefix(
+    base_token2id: Mapping[str, int],
+    extended_token2id: Mapping[str, int],
+    base_path: str | Path,
+    extended_path: str | Path,
+) -> None:
+    """Fail loudly if the extended file would reassign any pretrained embedding row."""
+    id2extended = {token_id: token for token, token_id in extended_token2id.items()}
+    for token, token_id in sorted(base_token2id.items(), key=lambda item: item[1]):
+        other = id2extended.get(token_id)
+        if other != token:
+            found = "nothing" if other is None else repr(other)
+            raise TokenFileError(
+                f"token file {extended_path} does not extend {base_path}: id {token_id} is "
+                f"{token!r} in the base file but {found} in the extended file (the first "
+                f"{len(base_token2id)} ids must be identical)"
+            )
+
+
+@dataclass(frozen=True)
+class TokenFileSummary:
+    output: Path
+    base_count: int
+    added_count: int
+    added_tokens: list[str]
+
+    @property
+    def total(self) -> int:
+        return self.base_count + self.added_count
+
+
+def prepare_token_file(
+    tokenizer_name: str,
+    output: str | Path,
+    base_token_file: str | Path | None = None,
+    overwrite: bool = False,
+    lang: str = "en-us",
+    text_file: str | Path | None = None,
+) -> TokenFileSummary:
+    """Base tokens unchanged + every token the tokenizer can emit (and any seen in `text_file`).
+
+    Without a base file the result starts with `_` at id 0 so that it is a valid token file.
+    """
+    # Imported here because tokenizer.py itself reads token files through this module.
+    from zipvoice.tokenizer.tokenizer import get_tokenizer
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    if base_token_file is not None:
+        base = read_token_file(base_token_file)
+    else:
+        base = {PAD_TOKEN: 0}
+
+    tokenizer = get_tokenizer(tokenizer_name, lang=lang)
+    try:
+        new_tokens = list(tokenizer.symbols())
+    except NotImplementedError as err:
+        if text_file is None:
+            raise ValueError(f"{err}; pass a text file to collect its tokens from") from None
+        new_tokens = []
+    if text_file is not None:
+        text_path = Path(text_file)
+        if not text_path.is_file():
+            raise FileNotFoundError(f"text file not found: {text_path}")
+        texts = text_path.read_text(encoding="utf-8").splitlines()
+        seen = {token for tokens in tokenizer.texts_to_tokens(texts) for token in tokens}
+        new_tokens.extend(sorted(seen))
+
+    extended = extend_token_file(base, new_tokens)
+    check_token_prefix(base, extended, base_token_file or "<no base>", output)
+    write_token_file(output, extended, overwrite=overwrite)
+    added = [token for token in extended if token not in base]
+    logger.info("wrote %s: %d base + %d added tokens", output, len(base), len(added))
+    return TokenFileSummary(
+        output=output, base_count=len(base), added_count=len(added), added_tokens=added
+    )
