@@ -136,7 +136,9 @@ class _SwooshFunction(torch.autograd.Function):
 
 
 def _use_plain_formula(module: nn.Module, x: Tensor) -> bool:
-    return is_exporting() or not module.training or not (x.requires_grad and torch.is_grad_enabled())
+    return (
+        is_exporting() or not module.training or not (x.requires_grad and torch.is_grad_enabled())
+    )
 
 
 class SwooshL(nn.Module):
@@ -373,10 +375,7 @@ def softmax(x: Tensor, dim: int) -> Tensor:
 
 def _shaper_inactive(module: nn.Module, x: Tensor) -> bool:
     return (
-        not module.training
-        or is_exporting()
-        or not x.requires_grad
-        or not torch.is_grad_enabled()
+        not module.training or is_exporting() or not x.requires_grad or not torch.is_grad_enabled()
     )
 
 
@@ -458,7 +457,9 @@ class Balancer(nn.Module):
         prob: FloatLike | None = None,
     ) -> None:
         super().__init__()
-        self.prob = ScheduledFloat((0.0, 0.5), (8000.0, 0.125), default=0.4) if prob is None else prob
+        self.prob = (
+            ScheduledFloat((0.0, 0.5), (8000.0, 0.125), default=0.4) if prob is None else prob
+        )
         self.num_channels = num_channels
         self.channel_dim = channel_dim
         self.min_positive = min_positive
@@ -557,11 +558,7 @@ class Whiten(nn.Module):
         self.name: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            _shaper_inactive(self, x)
-            or random.random() > self.prob
-            or float(self.grad_scale) == 0
-        ):
+        if _shaper_inactive(self, x) or random.random() > self.prob or float(self.grad_scale) == 0:
             return x
         return _WhiteningPenaltyFunction.apply(x, self)
 
@@ -580,7 +577,9 @@ class _WithLoss(torch.autograd.Function):
         return ans_grad, ones, None
 
 
-def penalize_abs_values_gt(x: Tensor, limit: float, penalty: float, name: str | None = None) -> Tensor:
+def penalize_abs_values_gt(
+    x: Tensor, limit: float, penalty: float, name: str | None = None
+) -> Tensor:
     """Returns x unchanged; backward adds the gradient of penalty * relu(|x| - limit).sum()."""
     if is_exporting() or not x.requires_grad:
         return x

@@ -1,0 +1,124 @@
+"""Building ZipVoice models from model.json and loading the published checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from zipvoice.models.zipvoice import ZipVoice
+from zipvoice.models.zipvoice_distill import ZipVoiceDistill
+from zipvoice.tokenizer.token_file import PAD_TOKEN, read_token_file
+from zipvoice.utils.checkpoint import load_checkpoint_state, load_model_state
+
+HUB_REPO_ID = "k2-fsa/ZipVoice"
+MODEL_NAMES = ("zipvoice", "zipvoice_distill")
+
+# Constructor arguments that model.json provides (vocab_size and pad_id come from tokens.txt).
+_CONFIG_KEYS = tuple(
+    name
+    for name in inspect.signature(ZipVoice.__init__).parameters
+    if name not in ("self", "vocab_size", "pad_id")
+)
+
+
+class ModelConfigError(ValueError):
+    """model.json does not describe a ZipVoice model."""
+
+
+def build_model(
+    model_config: Mapping[str, Any], vocab_size: int, pad_id: int, distill: bool = False
+) -> ZipVoice:
+    """A randomly initialised ZipVoice (or ZipVoiceDistill) from a model.json dict, with or
+    without its ``"model"`` wrapper. Unknown or missing keys raise ModelConfigError."""
+    config = model_config["model"] if "model" in model_config else model_config
+    if not isinstance(config, Mapping):
+        raise ModelConfigError('model.json: "model" must be an object of constructor arguments')
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    missing = sorted(set(_CONFIG_KEYS) - set(config))
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown keys {unknown}")
+        if missing:
+            parts.append(f"missing keys {missing}")
+        raise ModelConfigError(f'model.json ["model"]: {"; ".join(parts)}')
+    if vocab_size < 1 or not 0 <= pad_id < vocab_size:
+        raise ModelConfigError(f"bad vocabulary: vocab_size={vocab_size}, pad_id={pad_id}")
+    cls = ZipVoiceDistill if distill else ZipVoice
+    try:
+        return cls(**dict(config), vocab_size=vocab_size, pad_id=pad_id)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ModelConfigError(f"model.json: invalid model configuration: {exc}") from exc
+
+
+def resolve_model_dir(
+    model_name: str = "zipvoice",
+    model_dir: str | Path | None = None,
+    checkpoint_name: str = "model.pt",
+) -> Path:
+    """The folder holding the checkpoint (model.pt), model.json and tokens.txt.
+
+    Given ``model_dir``, checks that the files are there. Otherwise downloads
+    ``{model_name}/{file}`` from the hub repository k2-fsa/ZipVoice (cached by
+    huggingface_hub) and returns the folder they landed in.
+    """
+    files = (checkpoint_name, "model.json", "tokens.txt")
+    if model_dir is not None:
+        folder = Path(model_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder not found: {folder}")
+        for name in files:
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"model folder {folder} has no {name}")
+        return folder
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"model_name must be one of {MODEL_NAMES}, got {model_name!r}")
+    from huggingface_hub import hf_hub_download
+
+    paths = [
+        Path(hf_hub_download(repo_id=HUB_REPO_ID, filename=f"{model_name}/{name}"))
+        for name in files
+    ]
+    return paths[0].parent
+
+
+def _read_model_json(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ModelConfigError(f'{path}: expected {{"model": {{...}}, "feature": {{...}}}}')
+    return config
+
+
+def load_pretrained(
+    model_name: str = "zipvoice",
+    model_dir: str | Path | None = None,
+    checkpoint_name: str = "model.pt",
+    token_file: str | Path | None = None,
+) -> tuple[ZipVoice, dict[str, Any], Path, Path]:
+    """Builds and loads a released model in eval mode.
+
+    ``token_file`` overrides the folder's tokens.txt (e.g. an extended vocabulary: extra
+    embedding rows start at the mean embedding). Returns (model, model.json dict, token file
+    path, checkpoint path).
+    """
+    folder = resolve_model_dir(model_name, model_dir, checkpoint_name=checkpoint_name)
+    checkpoint_path = folder / checkpoint_name
+    config = _read_model_json(folder / "model.json")
+    token_path = Path(token_file) if token_file is not None else folder / "tokens.txt"
+    token2id = read_token_file(token_path)
+    vocab_size = len(token2id)
+    pad_id = token2id[PAD_TOKEN]
+    state = load_checkpoint_state(checkpoint_path)
+    # The checkpoint itself says which model it is: only the distilled one embeds the
+    # guidance scale.
+    distill = "fm_decoder.guidance_scale_embed.weight" in state
+    model = build_model(config["model"], vocab_size=vocab_size, pad_id=pad_id, distill=distill)
+    load_model_state(model, state, checkpoint_path, extend_embed=True)
+    model.eval()
+    return model, config, token_path, checkpoint_path

@@ -1,0 +1,195 @@
+"""Loading and saving model weights safely.
+
+Checkpoints are read only with ``torch.load(weights_only=True)`` or safetensors, so a file
+from the internet cannot run code. Writes go to a temporary file in the target folder,
+are fsynced, then renamed over the target, so an interrupted save never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED_KEYS = 5
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, or does not fit the model."""
+
+
+def _strip_module_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drops the ``module.`` prefix that DistributedDataParallel adds to every key."""
+    prefix = "module."
+    if state and all(key.startswith(prefix) for key in state):
+        return {key[len(prefix) :]: value for key, value in state.items()}
+    return dict(state)
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
+    """The model state dict of a ``model.pt`` (``{"model": ...}`` or a bare state dict) or a
+    ``.safetensors`` file, with any ``module.`` prefix removed.
+
+    Raises CheckpointError for files that need arbitrary unpickling (refused, nothing is run)
+    or that hold no state dict, and FileNotFoundError for a missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{path}: refused to load: the file needs arbitrary code to unpickle, which "
+                f"weights_only loading forbids (it may be malicious or saved with custom "
+                f"classes). Details: {exc}"
+            ) from exc
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+        if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+            state = state["model"]
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"{path}: holds no state dict (expected {{'model': state_dict}})")
+    non_tensors = [key for key, value in state.items() if not isinstance(value, Tensor)]
+    if non_tensors:
+        raise CheckpointError(
+            f"{path}: entries that are not tensors, e.g. {non_tensors[:_MAX_LISTED_KEYS]}"
+        )
+    return _strip_module_prefix(state)
+
+
+def _extend_embedding(
+    model: nn.Module, state: dict[str, Tensor], path: str | Path
+) -> dict[str, Tensor]:
+    """Grows a checkpoint's ``embed.weight`` to the model's (extended) vocabulary: old rows
+    are kept, new rows start at the mean of the old ones so new tokens begin as an
+    'average token' rather than noise."""
+    key = "embed.weight"
+    if key not in state or not hasattr(model, "embed"):
+        return state
+    target = model.embed.weight
+    old = state[key]
+    if old.ndim != 2 or old.shape[1] != target.shape[1] or old.shape[0] == target.shape[0]:
+        return state
+    if old.shape[0] > target.shape[0]:
+        raise CheckpointError(
+            f"{path}: checkpoint vocabulary has {old.shape[0]} tokens but the model only "
+            f"{target.shape[0]}; the token file must keep every token of the base model "
+            f"(a smaller vocabulary cannot reuse the embedding)"
+        )
+    new_rows = target.shape[0] - old.shape[0]
+    mean_row = old.float().mean(dim=0, keepdim=True).to(old.dtype)
+    extended = torch.cat([old, mean_row.expand(new_rows, -1)], dim=0)
+    logger.info(
+        "Extended embed.weight from %d to %d tokens; the %d new rows start at the mean "
+        "embedding of the old ones",
+        old.shape[0],
+        target.shape[0],
+        new_rows,
+    )
+    state = dict(state)
+    state[key] = extended
+    return state
+
+
+def load_model_state(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    path: str | Path = "<state dict>",
+    extend_embed: bool = True,
+) -> None:
+    """Strictly loads ``state`` into ``model``; on mismatch raises CheckpointError naming the
+    first missing, unexpected and shape-mismatched keys (usually a model.json that does not
+    match the checkpoint). With ``extend_embed`` a larger model vocabulary is accepted."""
+    state = _strip_module_prefix(state)
+    if extend_embed:
+        state = _extend_embedding(model, state, path)
+    model_state = model.state_dict()
+    missing = [key for key in model_state if key not in state]
+    unexpected = [key for key in state if key not in model_state]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in model_state.items()
+        if key in state and tuple(state[key].shape) != tuple(value.shape)
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
+            if keys:
+                more = (
+                    f" (+{len(keys) - _MAX_LISTED_KEYS} more)"
+                    if len(keys) > _MAX_LISTED_KEYS
+                    else ""
+                )
+                problems.append(f"{len(keys)} {label}: {keys[:_MAX_LISTED_KEYS]}{more}")
+        raise CheckpointError(
+            f"{path} does not fit the model (check that model.json matches the checkpoint): "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp_path)`` for a temp file beside ``path``, fsyncs it, then renames it
+    over ``path``; the temp file is removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp_name)
+        with open(tmp_name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically (temp file in the same folder, fsync, rename)."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Saves tensors as safetensors atomically. Tensors are made contiguous and shared
+    storage is cloned, which safetensors requires."""
+    from safetensors.torch import save_file
+
+    prepared = {key: value.detach().contiguous().clone() for key, value in tensors.items()}
+    meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    _atomic_write(path, lambda tmp: save_file(prepared, tmp, metadata=meta))
