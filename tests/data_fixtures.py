@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PARITY
-from zipvoice.bin.compute_fbank import compute_fbank
-from zipvoice.bin.prepare_dataset import prepare_dataset
-from zipvoice.bin.prepare_tokens import prepare_tokens
+from zipvoice.dataset.fbank import compute_fbank
+from zipvoice.dataset.manifests import prepare_dataset
 from zipvoice.dataset.synthetic import make_japanese_corpus
+from zipvoice.dataset.tokens import prepare_tokens
 from zipvoice.tokenizer.token_file import prepare_token_file
 
 __all__ = ["japanese_corpus", "japanese_fbank_manifests"]

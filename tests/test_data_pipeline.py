@@ -17,15 +17,14 @@ import soxr
 import torch
 from lhotse import CutSet
 
-import zipvoice.bin.compute_fbank as compute_fbank_module
 from tests.conftest import REPO
 from tests.data_fixtures import *  # noqa: F403
-from zipvoice.bin.compute_fbank import compute_fbank
-from zipvoice.bin.prepare_dataset import InvalidRowsError, prepare_dataset
-from zipvoice.bin.prepare_tokens import UntokenizableCutsError, prepare_tokens
 from zipvoice.dataset.datamodule import TtsDataModule
 from zipvoice.dataset.dataset import CutDataError, SpeechSynthesisDataset, on_the_fly_features
+from zipvoice.dataset.fbank import compute_fbank
+from zipvoice.dataset.manifests import InvalidRowsError, atomic_write, prepare_dataset
 from zipvoice.dataset.synthetic import load_sentences, make_japanese_corpus
+from zipvoice.dataset.tokens import UntokenizableCutsError, prepare_tokens
 from zipvoice.tokenizer.token_file import read_token_file
 from zipvoice.tokenizer.tokenizer import JAPANESE_SYMBOLS, get_tokenizer
 from zipvoice.utils.audio import load_audio
@@ -215,7 +214,7 @@ def test_segments_and_other_sample_rates_are_resampled(japanese_corpus, tmp_path
 def test_parallel_feature_extraction_matches_serial(
     japanese_fbank_manifests, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(compute_fbank_module, "MIN_CUTS_PER_JOB", 1)  # tiny set, still 2 workers
+    monkeypatch.setattr("zipvoice.dataset.fbank.MIN_CUTS_PER_JOB", 1)  # tiny set, still 2 workers
     raw_dir = japanese_fbank_manifests["raw_manifest_dir"]
     out = compute_fbank(raw_dir, tmp_path, prefix="japanese", subset="train", num_jobs=2)
     parallel = CutSet.from_file(out)
@@ -323,3 +322,25 @@ def test_missing_features_or_tokens_name_the_cut_and_manifest(japanese_fbank_man
     )
     with pytest.raises(FileNotFoundError, match="emilia_cuts_EN.jsonl.gz"):
         dm.train_cuts()
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_the_suffix_for_lhotse(
+    japanese_fbank_manifests, tmp_path
+):
+    target = tmp_path / "cuts.jsonl.gz"
+    target.write_text("old", encoding="utf-8")
+
+    def crash_midway(tmp: Path) -> None:
+        tmp.write_text("half written", encoding="utf-8")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, crash_midway)
+    assert target.read_text(encoding="utf-8") == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cuts.jsonl.gz"]
+
+    # lhotse picks the format from the temp file's name: it must still end in .jsonl.gz.
+    cuts = CutSet.from_file(japanese_fbank_manifests["dev_cuts"])
+    atomic_write(target, cuts.to_file)
+    assert target.read_bytes()[:2] == b"\x1f\x8b"  # gzip magic
+    assert [c.id for c in CutSet.from_file(target)] == [c.id for c in cuts]

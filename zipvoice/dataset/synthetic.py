@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 import soxr
 import torch
 from tqdm.auto import tqdm
+
+from zipvoice.dataset.manifests import write_text_atomically
 
 SAMPLING_RATE = 24000
 
@@ -122,19 +123,6 @@ def synthesize(text: str, speaker: PseudoSpeaker) -> np.ndarray:
     return wave
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_sentence(sentence: str) -> None:
     if not sentence.strip():
         raise ValueError("sentences must not be empty")
@@ -219,8 +207,8 @@ def make_japanese_corpus(
         row = f"{utt_id}\t{text}\t{wav_path}"
         (dev_rows if sent_index >= dev_start else train_rows).append(row)
 
-    _write_text_atomically(train_tsv, "".join(r + "\n" for r in train_rows))
-    _write_text_atomically(dev_tsv, "".join(r + "\n" for r in dev_rows))
+    write_text_atomically(train_tsv, "".join(r + "\n" for r in train_rows))
+    write_text_atomically(dev_tsv, "".join(r + "\n" for r in dev_rows))
     logging.info(
         "Wrote %d train and %d dev utterances (%d speakers) to %s",
         len(train_rows),
