@@ -1,0 +1,271 @@
+"""LoRA / DoRA adapters on the flow-matching decoder, through PEFT.
+
+Full fine-tuning on a small corpus makes the decoder forget how to clone unseen speakers;
+freezing it never learns the new language. Low-rank adapters on the decoder's projections sit
+in between: a few percent extra parameters learn the accent while the frozen base keeps the
+speaker space, and they merge into the base weights for inference at no cost.
+
+Every function takes either the whole ZipVoice model (adapters live on `model.fm_decoder`) or
+the decoder itself, wrapped or not, and module names are always relative to the decoder, so the
+names one function returns are accepted by the others and by PEFT.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+# Projections of the attention blocks in every decoder layer: where the accent (timing and pitch
+# movements across frames) is learned, and where upstream has plain nn.Linear layers.
+ATTENTION_SUFFIXES: tuple[str, ...] = (
+    "self_attn_weights.in_proj",
+    "self_attn1.in_proj",
+    "self_attn1.out_proj",
+    "self_attn2.in_proj",
+    "self_attn2.out_proj",
+)
+# The feed-forward and convolution blocks' input projections. Their output projections apply an
+# activation first and are not nn.Linear modules, so PEFT cannot wrap them.
+FF_CONV_SUFFIXES: tuple[str, ...] = (
+    "feed_forward1.in_proj",
+    "feed_forward2.in_proj",
+    "feed_forward3.in_proj",
+    "conv_module1.in_proj",
+    "conv_module2.in_proj",
+)
+PRESETS: dict[str, tuple[str, ...] | None] = {
+    "attention": ATTENTION_SUFFIXES,
+    "attention_ff_conv": ATTENTION_SUFFIXES + FF_CONV_SUFFIXES,
+    "all_linear": None,  # every nn.Linear in the decoder
+}
+# PEFT initialisations this project accepts. Those in BASE_MUTATING_INITS rewrite the frozen base
+# weights (the adapter starts from the weights' principal components), which adapter_io undoes
+# when saving so that adapters always apply to the original checkpoint.
+LORA_INITS: tuple[str, ...] = ("default", "gaussian", "pissa", "olora", "orthogonal")
+BASE_MUTATING_INITS: tuple[str, ...] = ("pissa", "olora")
+FM_DECODER_PREFIX = "fm_decoder."
+
+
+def _decoder_of(model: nn.Module) -> nn.Module:
+    """The flow-matching decoder of a ZipVoice model, or the module itself if it is one."""
+    decoder = getattr(model, "fm_decoder", None)
+    if decoder is None:
+        if isinstance(model, nn.ModuleDict) or not hasattr(model, "encoders"):
+            raise TypeError(
+                f"expected a ZipVoice model or its fm_decoder, got {type(model).__name__}"
+            )
+        decoder = model
+    return decoder
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """True when the model's decoder is wrapped by PEFT (adapters attached, not merged)."""
+    return isinstance(_decoder_of(model), PeftModel)
+
+
+def unwrap_decoder(model: nn.Module) -> nn.Module:
+    """The plain decoder module under any PEFT wrapper: module names match the checkpoint's."""
+    decoder = _decoder_of(model)
+    if isinstance(decoder, PeftModel):
+        return decoder.get_base_model()
+    return decoder
+
+
+def get_peft_decoder(model: nn.Module) -> PeftModel:
+    decoder = _decoder_of(model)
+    if not isinstance(decoder, PeftModel):
+        raise ValueError("the model has no LoRA adapters (fm_decoder is not a PeftModel)")
+    return decoder
+
+
+def _linear_names(decoder: nn.Module) -> list[str]:
+    """Names of the decoder's nn.Linear modules, skipping modules PEFT itself inserted."""
+    names = []
+    for name, module in decoder.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if any(part in ("lora_A", "lora_B", "base_layer") for part in name.split(".")):
+            continue
+        names.append(name)
+    return names
+
+
+def get_lora_target_modules(model: nn.Module, preset: str = "attention") -> list[str]:
+    """Full decoder-relative names of the nn.Linear modules that get adapters.
+
+    `preset` is one of PRESETS, or a comma-separated list of suffixes ("self_attn1.in_proj") or
+    full names ("encoders.0.layers.0.self_attn1.in_proj", "fm_decoder." prefix allowed). Every
+    entry must select at least one nn.Linear, so that a typo fails instead of training nothing.
+    """
+    linear_names = _linear_names(unwrap_decoder(model))
+    if not linear_names:
+        raise ValueError("the decoder has no nn.Linear modules to adapt")
+    if preset in PRESETS:
+        suffixes = PRESETS[preset]
+        if suffixes is None:
+            return linear_names
+    else:
+        suffixes = tuple(s.strip() for s in preset.split(",") if s.strip())
+        if not suffixes:
+            raise ValueError(f"empty LoRA target list {preset!r}")
+    all_module_names = {name for name, _ in unwrap_decoder(model).named_modules()}
+    selected: list[str] = []
+    for raw in suffixes:
+        suffix = raw.removeprefix(FM_DECODER_PREFIX)
+        matches = [n for n in linear_names if n == suffix or n.endswith("." + suffix)]
+        if not matches:
+            is_module = any(n == suffix or n.endswith("." + suffix) for n in all_module_names)
+            reason = "is not an nn.Linear" if is_module else "matches no module"
+            raise ValueError(
+                f"LoRA target {raw!r} {reason} in fm_decoder; presets: {', '.join(PRESETS)}; "
+                f"adaptable names end in e.g. {', '.join(ATTENTION_SUFFIXES + FF_CONV_SUFFIXES)}"
+            )
+        selected.extend(matches)
+    # Keep decoder order and drop duplicates (an entry may repeat another's matches).
+    chosen = set(selected)
+    return [n for n in linear_names if n in chosen]
+
+
+def create_lora_config(
+    rank: int = 32,
+    alpha: float = 64,
+    dropout: float = 0.05,
+    use_dora: bool = True,
+    target_modules: list[str] | None = None,
+    init: str = "default",
+    use_rslora: bool = False,
+) -> LoraConfig:
+    """A PEFT LoraConfig for the decoder.
+
+    `target_modules` are exact decoder-relative names (as get_lora_target_modules returns);
+    None means the "attention" preset.
+    """
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if alpha <= 0:
+        raise ValueError(f"LoRA alpha must be positive, got {alpha}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    is_pissa_variant = (
+        init.startswith("pissa_niter_") and init.removeprefix("pissa_niter_").isdigit()
+    )
+    if init not in LORA_INITS and not is_pissa_variant:
+        raise ValueError(
+            f"unknown LoRA init {init!r}; choose one of {', '.join(LORA_INITS)} or pissa_niter_<N>"
+        )
+    if init in ("pissa", "olora") or is_pissa_variant:
+        if use_dora:
+            # PEFT cannot convert a PiSSA/OLoRA adapter back onto the original base with DoRA's
+            # magnitude vector, so it would only apply to a base this run rewrote.
+            raise ValueError(f"LoRA init {init!r} cannot be combined with DoRA (--use-dora 0)")
+    # PEFT matches a list entry against every module whose name ends with it, so the top-level
+    # "in_proj" would also catch every layer's in_proj. A full-match regex over the exact names
+    # selects precisely the modules asked for.
+    if target_modules:
+        targets = "|".join(re.escape(name) for name in target_modules)
+    else:
+        targets = r".*\.(?:" + "|".join(re.escape(s) for s in ATTENTION_SUFFIXES) + ")"
+    init_lora_weights: bool | str = True if init == "default" else init
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        target_modules=targets,
+        init_lora_weights=init_lora_weights,
+        bias="none",
+    )
+
+
+def mutates_base_weights(config: LoraConfig) -> bool:
+    """Whether PEFT rewrites the base weights when attaching this config (PiSSA, OLoRA)."""
+    init = config.init_lora_weights
+    return isinstance(init, str) and init.startswith(BASE_MUTATING_INITS)
+
+
+def apply_lora_to_model(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Wrap `model.fm_decoder` with PEFT in place and freeze every base decoder weight.
+
+    Other parts of the model (embedding, text encoder) keep their requires_grad: the trainer
+    decides about them.
+    """
+    if not hasattr(model, "fm_decoder"):
+        raise TypeError(f"expected a ZipVoice model with fm_decoder, got {type(model).__name__}")
+    if is_lora_model(model):
+        raise ValueError("the model already has LoRA adapters; merge or unwrap them first")
+    decoder = model.fm_decoder
+    for param in decoder.parameters():
+        param.requires_grad_(False)
+    was_training = decoder.training
+    try:
+        model.fm_decoder = get_peft_model(decoder, config)
+    except ValueError as err:
+        raise ValueError(f"cannot attach LoRA to fm_decoder: {err}") from err
+    # New adapter modules (dropout) start in training mode; follow the decoder's mode.
+    model.fm_decoder.train(was_training)
+    for name, param in model.fm_decoder.named_parameters():
+        if param.requires_grad and "lora_" not in name:
+            raise RuntimeError(f"PEFT left base decoder parameter {name} trainable")
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """(decoder-relative name, layer) for every adapted module."""
+    peft_decoder = get_peft_decoder(model)
+    base = peft_decoder.get_base_model()
+    return [(name, m) for name, m in base.named_modules() if isinstance(m, LoraLayer)]
+
+
+@torch.no_grad()
+def merge_lora_weights(model: nn.Module, scale: float = 1.0) -> nn.Module:
+    """Merge the adapters into the decoder weights and drop PEFT: a plain ZipVoice again.
+
+    `scale` interpolates each adapted weight between the base (0) and the trained merge (1):
+    W = W0 + scale * (W_merged - W0). For plain LoRA this is exactly multiplying the adapter's
+    scaling; for DoRA, whose magnitude vector is not an additive term, it is the only definition
+    for which 0 gives the base model exactly.
+    """
+    if not is_lora_model(model):
+        raise ValueError("the model has no LoRA adapters to merge")
+    if not torch.isfinite(torch.tensor(scale)):
+        raise ValueError(f"adapter scale must be finite, got {scale}")
+    for name, layer in lora_layers(model):
+        weight = layer.get_base_layer().weight
+        original = weight.data.clone()
+        layer.merge(safe_merge=True)
+        if scale != 1.0:
+            weight.data = original + scale * (weight.data - original)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"merging the adapter of {name} produced non-finite weights")
+    model.fm_decoder = get_peft_decoder(model).unload()
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameters, each shared tensor counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def log_parameter_counts(model: nn.Module, logger: logging.Logger | None = None) -> None:
+    trainable, total = count_parameters(model)
+    (logger or logging.getLogger(__name__)).info(
+        "trainable parameters: %s of %s (%.2f%%)",
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
+    )

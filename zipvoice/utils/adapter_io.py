@@ -1,0 +1,285 @@
+"""Saving and loading trained adapters as self-describing folders.
+
+An adapter folder holds what is needed to turn the ORIGINAL base checkpoint into the
+fine-tuned model, and nothing of the base itself:
+
+- `adapter_config.json`, `adapter_model.safetensors`: PEFT's own files (decoder adapters);
+- `text_side.safetensors`: the token embedding (with any new rows) and, when it was trained,
+  the text encoder;
+- `tokens.txt`: the token file the adapter was trained with; `model.json`: the model config;
+- `zipvoice_adapter.json`: the fingerprint of the base state dict plus vocabulary, LoRA and
+  tokenizer settings, so that an adapter is never silently applied to another base.
+
+Adapters trained with a base-rewriting initialisation (PiSSA, OLoRA) are converted by PEFT on
+save into ordinary LoRA adapters of twice the rank that apply to the original base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from zipvoice.models.modules.lora_utils import (
+    get_peft_decoder,
+    is_lora_model,
+    lora_layers,
+    merge_lora_weights,
+)
+
+ADAPTER_META_FILE = "zipvoice_adapter.json"
+TEXT_SIDE_FILE = "text_side.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+TOKENS_FILE = "tokens.txt"
+MODEL_CONFIG_FILE = "model.json"
+REQUIRED_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, TEXT_SIDE_FILE, ADAPTER_META_FILE)
+FORMAT_NAME = "zipvoice-adapter"
+FORMAT_VERSION = 1
+# Sub-folder holding PEFT's snapshot of a PiSSA/OLoRA adapter before training, which PEFT needs
+# to convert the trained adapter back onto the original base.
+INITIAL_ADAPTER_DIR = "adapter-init"
+
+
+class AdapterError(ValueError):
+    """An adapter folder that is incomplete, malformed or meant for another model."""
+
+
+def fingerprint_state_dict(state: Mapping[str, Tensor]) -> str:
+    """sha256 over a state dict's tensors: names, dtypes, shapes and bytes, keys sorted.
+
+    Independent of how the checkpoint was serialised (pickle, safetensors, extra entries), so
+    it identifies the weights themselves. A `module.` prefix (from DDP) is ignored.
+    """
+    digest = hashlib.sha256()
+    items = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
+    if not items:
+        raise ValueError("cannot fingerprint an empty state dict")
+    for key in sorted(items):
+        tensor = items[key].detach().to("cpu").contiguous()
+        digest.update(key.encode("utf-8"))
+        digest.update(str(tensor.dtype).encode("ascii"))
+        digest.update(repr(tuple(tensor.shape)).encode("ascii"))
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _text_side_state(model: nn.Module, include_text_encoder: bool) -> dict[str, Tensor]:
+    state = {"embed.weight": model.embed.weight.detach().cpu().contiguous()}
+    if include_text_encoder:
+        for name, tensor in model.text_encoder.state_dict().items():
+            state[f"text_encoder.{name}"] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
+    """Move a finished folder into place; an older folder of that name is replaced whole."""
+    if out_dir.exists():
+        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, trash)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, out_dir)
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    base_fingerprint: str,
+    token_file: str | os.PathLike,
+    model_config: Mapping[str, Any] | str | os.PathLike,
+    extra: Mapping[str, Any] | None = None,
+    include_text_encoder: bool | None = None,
+    initial_adapter_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write the adapter folder atomically (built beside `out_dir`, then renamed into place).
+
+    `include_text_encoder` None means: include it when any of its parameters is trainable.
+    `initial_adapter_dir` is the PEFT snapshot taken before training, required for PiSSA/OLoRA.
+    `extra` entries (step, lang, tokenizer, ...) are stored in zipvoice_adapter.json.
+    """
+    out_dir = Path(out_dir)
+    peft_decoder = get_peft_decoder(model)
+    token_file = Path(token_file)
+    if not token_file.is_file():
+        raise FileNotFoundError(f"token file {token_file} not found")
+    if include_text_encoder is None:
+        include_text_encoder = any(p.requires_grad for p in model.text_encoder.parameters())
+    lora_config = peft_decoder.peft_config["default"]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_kwargs: dict[str, Any] = {}
+        if initial_adapter_dir is not None:
+            save_kwargs["path_initial_model_for_weight_conversion"] = str(initial_adapter_dir)
+        with warnings.catch_warnings():
+            # PEFT loads the initial PiSSA snapshot beside the trained adapter to convert it,
+            # and warns about exactly the combination the conversion resolves.
+            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            peft_decoder.save_pretrained(str(tmp_dir), **save_kwargs)
+        readme = tmp_dir / "README.md"  # PEFT's model card template says nothing useful here
+        if readme.exists():
+            readme.unlink()
+        save_file(_text_side_state(model, include_text_encoder), str(tmp_dir / TEXT_SIDE_FILE))
+        shutil.copyfile(token_file, tmp_dir / TOKENS_FILE)
+        if isinstance(model_config, Mapping):
+            config_text = json.dumps(model_config, indent=2, ensure_ascii=False)
+            (tmp_dir / MODEL_CONFIG_FILE).write_text(config_text + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(model_config, tmp_dir / MODEL_CONFIG_FILE)
+        meta: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "base_fingerprint": base_fingerprint,
+            "vocab_size": int(model.embed.weight.shape[0]),
+            "text_encoder_included": bool(include_text_encoder),
+            "lora": {
+                "rank": int(lora_config.r),
+                "alpha": float(lora_config.lora_alpha),
+                "use_dora": bool(lora_config.use_dora),
+                "use_rslora": bool(lora_config.use_rslora),
+                "dropout": float(lora_config.lora_dropout),
+                "init": str(lora_config.init_lora_weights),
+                "target_modules": [name for name, _ in lora_layers(model)],
+            },
+        }
+        meta.update(dict(extra or {}))
+        (tmp_dir / ADAPTER_META_FILE).write_text(
+            json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        _fsync_tree(tmp_dir)
+        _replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check the folder holds every required file and return zipvoice_adapter.json."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter_dir} not found")
+    for name in REQUIRED_FILES:
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"adapter folder {adapter_dir} lacks {name}")
+    meta_path = adapter_dir / ADAPTER_META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{meta_path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise AdapterError(f"{meta_path} is not a ZipVoice adapter description")
+    for key in ("base_fingerprint", "vocab_size"):
+        if key not in meta:
+            raise AdapterError(f"{meta_path} lacks the field {key!r}")
+    try:
+        json.loads((adapter_dir / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{adapter_dir / PEFT_CONFIG_FILE} is not valid JSON: {err}") from err
+    return meta
+
+
+def _load_text_side(model: nn.Module, path: Path, expected_vocab: int) -> None:
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{path} is not a readable safetensors file: {err}") from err
+    embed = state.pop("embed.weight", None)
+    if embed is None:
+        raise AdapterError(f"{path} lacks embed.weight")
+    current = model.embed.weight
+    if embed.shape[1] != current.shape[1]:
+        raise AdapterError(
+            f"{path}: embedding width {embed.shape[1]} does not match "
+            f"the model's {current.shape[1]}"
+        )
+    if embed.shape[0] != expected_vocab:
+        raise AdapterError(
+            f"{path}: embedding has {embed.shape[0]} rows but the adapter declares "
+            f"vocab_size {expected_vocab}"
+        )
+    if embed.shape[0] != current.shape[0]:
+        # The adapter extended the vocabulary (new language tokens): grow the embedding.
+        new_embed = nn.Embedding(embed.shape[0], embed.shape[1], device=current.device)
+        new_embed.weight.requires_grad_(current.requires_grad)
+        model.embed = new_embed
+        if hasattr(model, "vocab_size"):
+            model.vocab_size = int(embed.shape[0])
+    with torch.no_grad():
+        model.embed.weight.copy_(embed.to(model.embed.weight.dtype))
+    if state:
+        text_encoder_state = {}
+        for key, tensor in state.items():
+            if not key.startswith("text_encoder."):
+                raise AdapterError(f"{path}: unexpected tensor {key}")
+            text_encoder_state[key.removeprefix("text_encoder.")] = tensor
+        try:
+            model.text_encoder.load_state_dict(text_encoder_state, strict=True)
+        except RuntimeError as err:
+            raise AdapterError(f"{path}: text encoder weights do not fit the model: {err}") from err
+
+
+def load_adapter(
+    model_base: nn.Module,
+    adapter_dir: str | os.PathLike,
+    *,
+    base_state_dict_fingerprint: str | None,
+    scale: float = 1.0,
+    merge: bool = True,
+) -> nn.Module:
+    """Apply an adapter folder to a base ZipVoice model in place and return it.
+
+    `base_state_dict_fingerprint` is `fingerprint_state_dict` of the base checkpoint the model
+    was loaded from; None skips the check (not recommended). `scale` weighs the adapter: 0 gives
+    the base decoder exactly, 1 the trained one (see `merge_lora_weights`). With merge=False the
+    PEFT wrapper stays (useful to compare or to train further); scale then must be 1 for DoRA.
+    The text side (embedding, text encoder) is always the trained one.
+    """
+    adapter_dir = Path(adapter_dir)
+    meta = read_adapter_meta(adapter_dir)
+    expected = meta["base_fingerprint"]
+    if base_state_dict_fingerprint is not None and expected != base_state_dict_fingerprint:
+        raise AdapterError(
+            f"adapter was trained on a different base checkpoint: expected sha256 {expected}, "
+            f"got sha256 {base_state_dict_fingerprint} ({adapter_dir})"
+        )
+    if is_lora_model(model_base):
+        raise AdapterError("the model already carries adapters; load a fresh base model")
+    _load_text_side(model_base, adapter_dir / TEXT_SIDE_FILE, int(meta["vocab_size"]))
+    try:
+        model_base.fm_decoder = PeftModel.from_pretrained(
+            model_base.fm_decoder, str(adapter_dir), is_trainable=False
+        )
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
+        raise AdapterError(f"cannot apply the PEFT adapter in {adapter_dir}: {err}") from err
+    if merge:
+        return merge_lora_weights(model_base, scale=scale)
+    if scale != 1.0:
+        layers = lora_layers(model_base)
+        if any(layer.use_dora.get("default", False) for _, layer in layers):
+            raise AdapterError("a DoRA adapter can only be scaled when merged (merge=True)")
+        for _, layer in layers:
+            layer.scale_layer(scale)
+    return model_base

@@ -1,0 +1,325 @@
+"""Optimisers and learning-rate schedules for ZipVoice training.
+
+`ScaledAdam` and `Eden` follow upstream (icefall / ZipVoice) so that full fine-tuning behaves as
+the released model was trained: each update is scaled by the parameter's own RMS, so every
+tensor moves by a similar relative amount. That rule is wrong for LoRA adapters, whose B matrix
+starts at zero: its RMS sits at the floor (1e-5) and it barely moves. Adapters therefore train
+with AdamW under a linear warm-up and a cosine (or constant) schedule (`WarmupCosine`).
+
+Schedulers share one small interface, `step_batch(batch)` / `step_epoch(epoch)` /
+`get_last_lr()` / `state_dict()`, so the trainer drives them all the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+class ScaledAdam(Optimizer):
+    """Adam whose step for a tensor is proportional to the tensor's RMS (upstream's ScaledAdam).
+
+    For a non-scalar parameter p the update is `-lr * rms(p) * adam_direction`, with rms clamped to
+    [param_min_rms, param_max_rms]; in addition the overall scale of p is learned through the
+    gradient of `sum(p * grad)` (every `size_update_period` steps). Scalars use plain Adam with
+    `lr * scalar_lr_scale` and are clamped to [-scalar_max, scalar_max]. With `clipping_scale`,
+    the whole gradient is clipped to `clipping_scale` times the median norm of recent batches.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 3e-2,
+        clipping_scale: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.98),
+        scalar_lr_scale: float = 0.1,
+        eps: float = 1.0e-08,
+        param_min_rms: float = 1.0e-05,
+        param_max_rms: float = 3.0,
+        scalar_max: float = 10.0,
+        size_update_period: int = 4,
+        clipping_update_period: int = 100,
+    ) -> None:
+        if lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {lr}")
+        defaults = dict(
+            lr=lr,
+            clipping_scale=clipping_scale,
+            betas=betas,
+            scalar_lr_scale=scalar_lr_scale,
+            eps=eps,
+            param_min_rms=param_min_rms,
+            param_max_rms=param_max_rms,
+            scalar_max=scalar_max,
+            size_update_period=size_update_period,
+            clipping_update_period=clipping_update_period,
+        )
+        super().__init__(params, defaults)
+        # Clipping statistics live here rather than in a parameter's state, so that they survive
+        # state_dict round trips regardless of parameter order.
+        self._recent_norms: list[float] = []
+        self._clip_threshold: float | None = None
+        self._num_clipped = 0
+        self._num_steps = 0
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["clipping"] = {
+            "recent_norms": torch.tensor(self._recent_norms, dtype=torch.float64),
+            "threshold": -1.0 if self._clip_threshold is None else self._clip_threshold,
+            "num_steps": self._num_steps,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        clipping = state_dict.pop("clipping", None)
+        super().load_state_dict(state_dict)
+        if clipping is not None:
+            self._recent_norms = [float(x) for x in clipping["recent_norms"].tolist()]
+            threshold = float(clipping["threshold"])
+            self._clip_threshold = None if threshold < 0 else threshold
+            self._num_steps = int(clipping["num_steps"])
+
+    def _clipping_factor(self) -> float:
+        """Factor to multiply all gradients by, from the median of recent total norms."""
+        group0 = self.param_groups[0]
+        clipping_scale = group0["clipping_scale"]
+        if clipping_scale is None:
+            return 1.0
+        sumsq: Tensor | None = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.detach().float()
+                if p.numel() > 1:
+                    # What matters is the size of the update, which is proportional to the
+                    # tensor's rms: weigh its gradient by it.
+                    rms = (p.detach().float() ** 2).mean().sqrt().clamp(min=group["param_min_rms"])
+                    grad = grad * rms
+                term = (grad**2).sum()
+                sumsq = term if sumsq is None else sumsq + term.to(sumsq.device)
+        if sumsq is None:
+            return 1.0
+        total_norm = float(sumsq.sqrt())
+        period = group0["clipping_update_period"]
+        self._recent_norms.append(total_norm)
+        self._recent_norms = self._recent_norms[-period:]
+        if self._num_steps % period == 0 or self._clip_threshold is None:
+            median = sorted(self._recent_norms)[len(self._recent_norms) // 2]
+            self._clip_threshold = clipping_scale * median
+        if not math.isfinite(total_norm):
+            return 0.0
+        if total_norm > self._clip_threshold > 0:
+            self._num_clipped += 1
+            return self._clip_threshold / total_norm
+        return 1.0
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        clip = self._clipping_factor()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("ScaledAdam does not support sparse gradients")
+                grad = p.grad if clip == 1.0 else p.grad * clip
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(group, p, state)
+                if p.numel() == 1:
+                    self._step_scalar(group, p, grad, state)
+                else:
+                    self._step_tensor(group, p, grad, state)
+                state["step"] += 1
+        self._num_steps += 1
+        return loss
+
+    @staticmethod
+    def _init_state(group: dict, p: Tensor, state: dict) -> None:
+        state["step"] = 0
+        state["delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if p.numel() > 1:
+            rms = (p.detach() ** 2).mean().sqrt().clamp(min=group["param_min_rms"])
+            state["param_rms"] = rms.reshape(1).to(p.dtype)
+            state["scale_exp_avg_sq"] = torch.zeros((), dtype=p.dtype, device=p.device)
+            state["scale_grads"] = torch.zeros(
+                group["size_update_period"], dtype=p.dtype, device=p.device
+            )
+
+    @staticmethod
+    def _adam_direction(group: dict, grad: Tensor, state: dict) -> Tensor:
+        beta2 = group["betas"][1]
+        step = state["step"]
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction2 = 1 - beta2 ** (step + 1)
+        denom = (exp_avg_sq / bias_correction2).sqrt() + group["eps"]
+        return grad / denom
+
+    def _step_tensor(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        period = group["size_update_period"]
+        step = state["step"]
+        delta = state["delta"]
+        # Learn the tensor's overall size: accumulate d(loss)/d(log scale) = sum(p * grad).
+        state["scale_grads"][step % period] = (p * grad).sum()
+        if step % period == period - 1:
+            param_rms = state["param_rms"]
+            param_rms.copy_((p**2).mean().sqrt().clamp(min=group["param_min_rms"]))
+            if step > 0:
+                scale_grads = state["scale_grads"]
+                scale_exp_avg_sq = state["scale_exp_avg_sq"]
+                scale_exp_avg_sq.mul_(beta2**period).add_(
+                    (scale_grads**2).mean(), alpha=1 - beta2**period
+                )
+                size_step = (step + 1) // period
+                bias_correction2 = 1 - beta2 ** (period * size_step)
+                denom = (scale_exp_avg_sq / bias_correction2).sqrt() + group["eps"]
+                scale_step = -lr * group.get("scalar_lr_scale", 0.1) * scale_grads.sum() / denom
+                too_large = param_rms >= group["param_max_rms"]
+                # Past the maximum size, always shrink by a fixed small amount.
+                scale_step = torch.where(
+                    too_large, torch.full_like(scale_step, -lr * 0.1), scale_step
+                )
+                delta.add_(p * scale_step, alpha=1 - beta1)
+        direction = self._adam_direction(group, grad, state)
+        alpha = -lr * (1 - beta1) * state["param_rms"].clamp(min=group["param_min_rms"])
+        delta.mul_(beta1).add_(direction * alpha)
+        p.add_(delta)
+
+    def _step_scalar(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
+        beta1 = group["betas"][0]
+        lr = group["lr"] * group["scalar_lr_scale"]
+        direction = self._adam_direction(group, grad, state)
+        delta = state["delta"]
+        delta.mul_(beta1).add_(direction, alpha=-lr * (1 - beta1))
+        p.add_(delta)
+        p.clamp_(min=-group["scalar_max"], max=group["scalar_max"])
+
+
+class LRScheduler:
+    """Base for batch/epoch driven schedules: sets each group's lr = base_lr * factor."""
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        self.base_lrs = [group["base_lr"] for group in optimizer.param_groups]
+        self.epoch = 0.0
+        self.batch = 0
+        self._last_lr = list(self.base_lrs)
+        self._apply()
+
+    def factor(self) -> float:
+        raise NotImplementedError
+
+    def _apply(self) -> None:
+        factor = self.factor()
+        self._last_lr = [base * factor for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
+
+    def step_batch(self, batch: int | None = None) -> None:
+        self.batch = self.batch + 1 if batch is None else batch
+        self._apply()
+
+    def step_epoch(self, epoch: float | None = None) -> None:
+        self.epoch = self.epoch + 1 if epoch is None else epoch
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return list(self._last_lr)
+
+    def state_dict(self) -> dict:
+        return {"base_lrs": list(self.base_lrs), "epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_lrs = list(state["base_lrs"])
+        self.epoch = state["epoch"]
+        self.batch = state["batch"]
+        self._apply()
+
+
+class Eden(LRScheduler):
+    """Upstream's schedule: slow inverse-fourth-root decay in batches and in epochs (or hours).
+
+    lr = base_lr * ((b^2 + B^2) / B^2)^-0.25 * ((e^2 + E^2) / E^2)^-0.25 * warm-up, where the
+    warm-up rises linearly from `warmup_start` to 1 over `warmup_batches`.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_batches: float,
+        lr_epochs: float,
+        warmup_batches: float = 500.0,
+        warmup_start: float = 0.5,
+    ) -> None:
+        if lr_batches <= 0 or lr_epochs <= 0:
+            raise ValueError(
+                f"Eden needs positive lr_batches/lr_epochs, got {lr_batches}/{lr_epochs}"
+            )
+        self.lr_batches = lr_batches
+        self.lr_epochs = lr_epochs
+        self.warmup_batches = warmup_batches
+        self.warmup_start = warmup_start
+        super().__init__(optimizer)
+
+    def factor(self) -> float:
+        batch_factor = ((self.batch**2 + self.lr_batches**2) / self.lr_batches**2) ** -0.25
+        epoch_factor = ((self.epoch**2 + self.lr_epochs**2) / self.lr_epochs**2) ** -0.25
+        if self.warmup_batches > 0 and self.batch < self.warmup_batches:
+            warmup = (
+                self.warmup_start + (1.0 - self.warmup_start) * self.batch / self.warmup_batches
+            )
+        else:
+            warmup = 1.0
+        return batch_factor * epoch_factor * warmup
+
+
+class FixedLRScheduler(LRScheduler):
+    """A constant learning rate (upstream's choice for fine-tuning)."""
+
+    def factor(self) -> float:
+        return 1.0
+
+
+class WarmupCosine(LRScheduler):
+    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_ratio` at
+    `total_steps`, or constant when `total_steps` is 0 (length of training unknown)."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int,
+        total_steps: int = 0,
+        min_ratio: float = 0.1,
+    ) -> None:
+        if warmup_steps < 0 or total_steps < 0:
+            raise ValueError("warm-up and total steps must not be negative")
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+        super().__init__(optimizer)
+
+    def factor(self) -> float:
+        step = self.batch
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
