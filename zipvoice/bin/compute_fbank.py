@@ -56,10 +56,10 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     formatter = "%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s"
     logging.basicConfig(format=formatter, level=logging.INFO, force=True)
-    args = get_parser().parse_args()
+    args = get_parser().parse_args(argv)
     try:
         compute_fbank(
             source_dir=args.source_dir,
