@@ -1,0 +1,208 @@
+"""Shared pieces of the cost benchmarks: the released configuration, peak memory, one fresh
+process per measured method, and plain-text tables.
+
+Each method runs in its own subprocess so that one method's allocations (optimizer state, a
+float64 averaged copy, ONNX Runtime arenas) cannot raise the next one's peak memory, and so
+that the peak read from the kernel (VmHWM) belongs to that method alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHARED = Path(os.environ.get("ZIPVOICE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+RELEASED_CONFIG = SHARED / "fixtures" / "upstream_parity" / "zipvoice" / "base_model.json"
+RELEASED_VOCAB_SIZE = 360  # the released tokens.txt (emilia); the Japanese file is close
+RESULT_PREFIX = "BENCHMARK_RESULT "
+MIB = 1024 * 1024
+
+
+def released_model_config(path: Path | None) -> tuple[dict[str, Any], str]:
+    """({"model": constructor arguments}, where they came from).
+
+    Without a path, the released base_model.json from the shared fixtures is used when present;
+    otherwise ZipVoice's constructor defaults, which are the released configuration.
+    """
+    if path is None:
+        if RELEASED_CONFIG.is_file():
+            path = RELEASED_CONFIG
+        else:
+            from zipvoice.models.zipvoice import ZipVoice
+
+            params = inspect.signature(ZipVoice.__init__).parameters
+            skip = ("self", "vocab_size", "pad_id")
+            defaults = {k: p.default for k, p in params.items() if k not in skip}
+            return {"model": defaults}, "ZipVoice constructor defaults (the released config)"
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} not found")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model config {path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f'model config {path} lacks the "model" section')
+    return config, str(path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to this torch build")
+    if name not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so that the resident set
+    before a measurement holds live data only, not e.g. a checkpoint already loaded and freed."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_bytes() -> int:
+    return _proc_status_kib("VmRSS") * 1024
+
+
+class PeakMemory:
+    """Peak memory since the last reset().
+
+    CUDA: torch.cuda.max_memory_allocated (tensors only, no caching slack). CPU: the process's
+    peak resident set (VmHWM); reset() rewinds it to the current RSS through
+    /proc/self/clear_refs, so setup transients (checkpoint loading) do not count. If the kernel
+    refuses the rewind, the peak covers the whole process and `whole_process` says so.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.whole_process = False
+
+    @property
+    def label(self) -> str:
+        return "CUDA max allocated" if self.device.type == "cuda" else "peak RSS (VmHWM)"
+
+    def current_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return rss_bytes()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+                clear_refs.write("5")
+        except OSError:
+            self.whole_process = True
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _proc_status_kib("VmHWM") * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """A worker's answer to run_worker: one marked JSON line on stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_worker(script: Path, argv: Sequence[str], label: str) -> dict[str, Any]:
+    """Run `script argv` in a fresh interpreter and return the JSON it emitted."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *argv], capture_output=True, text=True, check=False
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+    raise RuntimeError(f"{label}: worker exited with {proc.returncode} and no result:\n{tail}")
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (readable as plain text too); numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [
+        all(_looks_numeric(row[i]) for row in cells[1:]) if rows else False
+        for i in range(len(headers))
+    ]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(width) if is_num else cell.ljust(width)
+            for cell, width, is_num in zip(row, widths, numeric, strict=True)
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    rule = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if is_num else ("-" * (w + 2))
+            for w, is_num in zip(widths, numeric, strict=True)
+        )
+        + "|"
+    )
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def _looks_numeric(text: str) -> bool:
+    stripped = text.replace(",", "").replace("×", "").replace("%", "").strip()
+    if stripped in ("-", "n/a"):
+        return True
+    try:
+        float(stripped)
+    except ValueError:
+        return False
+    return True
+
+
+def describe_machine(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        where = f"CUDA {torch.cuda.get_device_name(device)}"
+    else:
+        where = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"
+    return f"torch {torch.__version__}, {where}, {threads} torch threads"

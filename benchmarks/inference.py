@@ -1,0 +1,327 @@
+"""Inference cost of the base model, a merged adapter, unmerged LoRA/DoRA and ONNX, side by side.
+
+    .venv/bin/python benchmarks/inference.py                       # quick: a few minutes on CPU
+    .venv/bin/python benchmarks/inference.py --preset released     # 16 steps, 3 s -> 10 s
+    .venv/bin/python benchmarks/inference.py --preset released --device cuda --repeats 5
+
+The model is the released configuration with random weights (cost does not depend on the
+values); adapters are rank 32, alpha 64 on --lora-preset targets, with random non-zero B
+matrices. One fresh process per method generates features for one text after one prompt with
+the project's samplers (`infer.torch_sampler`, `infer_onnx.OnnxZipVoice`), Euler with
+classifier-free guidance (guidance > 0 doubles the batch), t_shift 0.5:
+
+- base: the plain model; merged: the adapter merged into the weights by `merge_lora_weights`,
+  which gives the base model's modules, so its cost equals the base model's by construction
+  (measured anyway); lora / dora: PEFT wrappers left in place (extra matmuls, and for DoRA a
+  weight norm per layer per call);
+- onnx-fp32 / onnx-int8: the base model exported by `onnx_export.export_model` (int8: dynamic
+  weight quantisation) and run on ONNX Runtime's CPU provider, always on the CPU.
+
+RTF = seconds of generation / seconds of generated audio (prompt excluded). The vocoder is not
+included unless --vocoder is given (then a released-size Vocos with random weights decodes
+every output, on the torch device, in every row). Ratios are to the base model in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    MIB,
+    RELEASED_VOCAB_SIZE,
+    PeakMemory,
+    describe_machine,
+    emit_result,
+    format_table,
+    median,
+    release_freed_memory,
+    released_model_config,
+    resolve_device,
+    run_worker,
+    synchronize,
+)
+
+METHODS = ("base", "merged", "lora", "dora", "onnx-fp32", "onnx-int8")
+PRESETS = {
+    # name: (num_step, prompt seconds, output seconds, repeats)
+    "quick": (2, 1.0, 2.0, 3),
+    "released": (16, 3.0, 10.0, 3),
+}
+SAMPLE_RATE, HOP_LENGTH = 24000, 256
+TOKENS_PER_SECOND = 12  # about the phoneme rate of read speech; sets the prompt's token count
+PAD_ID = 0
+T_SHIFT = 0.5
+
+
+def build_base(cli: argparse.Namespace) -> torch.nn.Module:
+    from zipvoice.models.loader import build_model
+
+    config, _ = released_model_config(cli.model_config)
+    torch.manual_seed(0)
+    return build_model(config, cli.vocab_size, PAD_ID).eval()
+
+
+def build_variant(method: str, cli: argparse.Namespace) -> torch.nn.Module:
+    """The model a method runs: base, or base with an adapter (merged or not)."""
+    from zipvoice.models.modules.lora_utils import (
+        apply_lora_to_model,
+        create_lora_config,
+        get_lora_target_modules,
+        lora_layers,
+        merge_lora_weights,
+    )
+
+    model = build_base(cli)
+    if method == "base":
+        return model
+    targets = get_lora_target_modules(model, cli.lora_preset)
+    config = create_lora_config(
+        rank=cli.rank, alpha=2 * cli.rank, use_dora=method != "lora", target_modules=targets
+    )
+    apply_lora_to_model(model, config)
+    with torch.no_grad():  # a trained adapter's B is not zero
+        for _, layer in lora_layers(model):
+            for lora_b in layer.lora_B.values():
+                lora_b.weight.normal_(std=0.01)
+    if method == "merged":
+        merge_lora_weights(model)
+    return model.eval()
+
+
+def synthetic_inputs(cli: argparse.Namespace, feat_dim: int):
+    """(text ids, prompt ids, prompt features (T, F)) giving about --output-seconds of audio."""
+    rng = np.random.default_rng(7)
+    prompt_frames = max(1, round(cli.prompt_seconds * SAMPLE_RATE / HOP_LENGTH))
+    prompt_tokens = max(1, round(cli.prompt_seconds * TOKENS_PER_SECOND))
+    text_tokens = max(1, round(cli.output_seconds * TOKENS_PER_SECOND))
+    prompt_ids = rng.integers(1, cli.vocab_size, prompt_tokens).tolist()
+    text_ids = rng.integers(1, cli.vocab_size, text_tokens).tolist()
+    prompt_features = (0.1 * rng.standard_normal((prompt_frames, feat_dim))).astype(np.float32)
+    return text_ids, prompt_ids, prompt_features
+
+
+def released_vocoder(device: torch.device) -> torch.nn.Module:
+    """charactr/vocos-mel-24khz's shape (dim 512, intermediate 1536, 8 layers), random weights."""
+    from zipvoice.models.vocoder import ISTFTHead, Vocos, VocosBackbone
+
+    torch.manual_seed(0)
+    head = ISTFTHead(dim=512, n_fft=1024, hop_length=HOP_LENGTH, padding="same")
+    return Vocos(VocosBackbone(), head).eval().to(device)
+
+
+def worker(cli: argparse.Namespace) -> None:
+    from zipvoice.utils.infer import torch_sampler, torch_vocoder
+
+    method = cli.worker
+    torch_device = resolve_device(cli.device)
+    is_onnx = method.startswith("onnx")
+    run_device = torch.device("cpu") if is_onnx else torch_device
+    threads = cli.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    if is_onnx:
+        from zipvoice.utils.infer_onnx import OnnxZipVoice
+
+        onnx_model = OnnxZipVoice(cli.onnx_dir, int8=method == "onnx-int8", num_thread=threads)
+        feat_dim = onnx_model.feat_dim
+
+        def sample(batch, prompt_ids, prompt_features, num_step):
+            return onnx_model.sample(
+                batch,
+                prompt_ids,
+                prompt_features,
+                num_step=num_step,
+                guidance_scale=cli.guidance_scale,
+                t_shift=T_SHIFT,
+                rng=np.random.default_rng(0),
+            )
+    else:
+        model = build_variant(method, cli).to(torch_device)
+        feat_dim = int(model.feat_dim)
+        samplers = {
+            n: torch_sampler(model, n, cli.guidance_scale, T_SHIFT, device=torch_device)
+            for n in {1, cli.num_step}
+        }
+
+        def sample(batch, prompt_ids, prompt_features, num_step):
+            return samplers[num_step](batch, prompt_ids, prompt_features)
+
+    vocode = torch_vocoder(released_vocoder(torch_device), torch_device) if cli.vocoder else None
+    text_ids, prompt_ids, prompt_features = synthetic_inputs(cli, feat_dim)
+
+    memory = PeakMemory(torch_device if not is_onnx else run_device)
+    release_freed_memory()
+    loaded_bytes = memory.current_bytes()
+    memory.reset()
+    for _ in range(cli.warmup):  # one Euler step: allocators, kernels, ONNX arenas
+        sample([text_ids], prompt_ids, prompt_features, 1)
+    run_seconds: list[float] = []
+    audio_seconds = 0.0
+    for _ in range(cli.repeats):
+        synchronize(torch_device)
+        start = time.perf_counter()
+        (mel,) = sample([text_ids], prompt_ids, prompt_features, cli.num_step)
+        if vocode is not None:
+            vocode(mel)
+        synchronize(torch_device)
+        run_seconds.append(time.perf_counter() - start)
+        audio_seconds = mel.shape[1] * HOP_LENGTH / SAMPLE_RATE
+    emit_result(
+        {
+            "method": method,
+            "device": run_device.type,
+            "run_seconds": run_seconds,
+            "audio_seconds": audio_seconds,
+            "loaded_bytes": loaded_bytes,
+            "peak_bytes": memory.peak_bytes(),
+            "memory_label": memory.label,
+            "whole_process_peak": memory.whole_process,
+            "machine": describe_machine(torch_device, threads),
+        }
+    )
+
+
+def export_onnx(cli: argparse.Namespace, out_dir: Path) -> float:
+    """Export the base model (text encoder, decoder, their int8 versions); returns seconds."""
+    from zipvoice.utils.onnx_export import export_model
+
+    model = build_base(cli)
+    token_file = out_dir / "tokens_in.txt"
+    token_file.write_text(
+        "".join(f"{'_' if i == PAD_ID else f't{i}'}\t{i}\n" for i in range(cli.vocab_size)),
+        encoding="utf-8",
+    )
+    start = time.perf_counter()
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # onnxruntime's quantiser advises on the root logger
+    try:
+        export_model(model, out_dir, token_file, int8=True)
+    finally:
+        root_logger.setLevel(level)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        default="quick",
+        choices=list(PRESETS),
+        help="quick: 2 steps, 1 s prompt, 2 s out, 3 runs; released: 16 steps, 3 s, 10 s, 3 runs",
+    )
+    parser.add_argument("--num-step", type=int, default=None, help="Euler steps (preset's)")
+    parser.add_argument("--prompt-seconds", type=float, default=None)
+    parser.add_argument("--output-seconds", type=float, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed one-step runs first")
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--methods", default=",".join(METHODS), help=", ".join(METHODS))
+    parser.add_argument("--lora-preset", default="attention", help="adapter targets")
+    parser.add_argument("--rank", type=int, default=32, help="adapter rank (alpha = 2 * rank)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch/ORT threads (0: torch's)")
+    parser.add_argument("--vocoder", action="store_true", help="include a Vocos decode")
+    parser.add_argument("--model-config", type=Path, default=None, help="default: released")
+    parser.add_argument("--vocab-size", type=int, default=RELEASED_VOCAB_SIZE)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    num_step, prompt_s, output_s, repeats = PRESETS[cli.preset]
+    cli.num_step = cli.num_step if cli.num_step is not None else num_step
+    cli.prompt_seconds = cli.prompt_seconds if cli.prompt_seconds is not None else prompt_s
+    cli.output_seconds = cli.output_seconds if cli.output_seconds is not None else output_s
+    cli.repeats = cli.repeats if cli.repeats is not None else repeats
+    if cli.num_step < 1 or cli.repeats < 1 or cli.warmup < 0:
+        raise SystemExit("--num-step and --repeats must be >= 1, --warmup >= 0")
+    if cli.prompt_seconds <= 0 or cli.output_seconds <= 0:
+        raise SystemExit("--prompt-seconds and --output-seconds must be positive")
+    if cli.worker is not None:
+        worker(cli)
+        return
+
+    methods = [m.strip() for m in cli.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    device = resolve_device(cli.device)
+    _, config_source = released_model_config(cli.model_config)
+    forwarded = [
+        f"--num-step={cli.num_step}",
+        f"--prompt-seconds={cli.prompt_seconds}",
+        f"--output-seconds={cli.output_seconds}",
+        f"--repeats={cli.repeats}",
+        f"--warmup={cli.warmup}",
+        f"--guidance-scale={cli.guidance_scale}",
+        f"--lora-preset={cli.lora_preset}",
+        f"--rank={cli.rank}",
+        f"--device={device.type}",
+        f"--threads={cli.threads}",
+        f"--vocab-size={cli.vocab_size}",
+    ]
+    if cli.vocoder:
+        forwarded.append("--vocoder")
+    if cli.model_config is not None:
+        forwarded.append(f"--model-config={cli.model_config}")
+
+    results = []
+    export_seconds = None
+    with tempfile.TemporaryDirectory(prefix="zipvoice-bench-onnx-") as tmp:
+        if any(m.startswith("onnx") for m in methods):
+            print("exporting ONNX ...", file=sys.stderr, flush=True)
+            export_seconds = export_onnx(cli, Path(tmp))
+        for method in methods:
+            print(f"running {method} ...", file=sys.stderr, flush=True)
+            argv = [*forwarded, f"--worker={method}", f"--onnx-dir={tmp}"]
+            results.append(run_worker(Path(__file__), argv, method))
+
+    reference = next((r for r in results if r["method"] == "base"), results[0])
+    ref_seconds = median(reference["run_seconds"])
+    print(
+        f"inference: {config_source}, random weights; {cli.num_step} steps, guidance "
+        f"{cli.guidance_scale}, t_shift {T_SHIFT}, {cli.prompt_seconds:g} s prompt -> "
+        f"{reference['audio_seconds']:.2f} s of audio; median of {cli.repeats} run(s) after "
+        f"{cli.warmup} one-step warm-up; vocoder {'included' if cli.vocoder else 'not included'}"
+    )
+    print(
+        f"{results[0]['machine']}; adapters rank {cli.rank} alpha {2 * cli.rank} on "
+        f"{cli.lora_preset}; memory: {results[0]['memory_label']} while generating "
+        f"(ONNX rows: peak RSS); ratios to {reference['method']}"
+    )
+    if export_seconds is not None:
+        print(f"ONNX export (fp32 + int8) took {export_seconds:.1f} s, not in the table")
+    headers = ["method", "device", "seconds", "RTF", "time ratio", "loaded MiB", "peak MiB"]
+    headers.append("peak ratio")
+    rows = []
+    for r in results:
+        seconds = median(r["run_seconds"])
+        same_meter = r["device"] == reference["device"]
+        rows.append(
+            [
+                r["method"],
+                r["device"],
+                f"{seconds:.3f}",
+                f"{seconds / r['audio_seconds']:.3f}",
+                f"{seconds / ref_seconds:.2f}",
+                f"{r['loaded_bytes'] / MIB:.0f}",
+                f"{r['peak_bytes'] / MIB:.0f}",
+                f"{r['peak_bytes'] / reference['peak_bytes']:.2f}" if same_meter else "-",
+            ]
+        )
+    print(format_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
