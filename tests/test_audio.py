@@ -142,7 +142,7 @@ def test_save_wav_float_and_pcm16(tmp_path: Path) -> None:
     data, _ = sf.read(pcm_path, dtype="float32")
     assert sf.info(str(pcm_path)).subtype == "PCM_16"
     np.testing.assert_allclose(data, np.clip(loud.numpy(), -1, 1), atol=1 / 32767)
-    assert list(tmp_path.glob(".*tmp")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.wav", "p.wav"]  # no temp files
 
     with pytest.raises(FileExistsError, match="p.wav exists"):
         save_wav(pcm_path, wave, overwrite=False)

@@ -22,13 +22,14 @@ from tests.data_fixtures import *  # noqa: F403
 from zipvoice.dataset.datamodule import TtsDataModule
 from zipvoice.dataset.dataset import CutDataError, SpeechSynthesisDataset, on_the_fly_features
 from zipvoice.dataset.fbank import compute_fbank
-from zipvoice.dataset.manifests import InvalidRowsError, atomic_write, prepare_dataset
+from zipvoice.dataset.manifests import InvalidRowsError, prepare_dataset
 from zipvoice.dataset.synthetic import load_sentences, make_japanese_corpus
 from zipvoice.dataset.tokens import UntokenizableCutsError, prepare_tokens
 from zipvoice.tokenizer.token_file import read_token_file
 from zipvoice.tokenizer.tokenizer import JAPANESE_SYMBOLS, get_tokenizer
 from zipvoice.utils.audio import load_audio
 from zipvoice.utils.feature import compute_vocos_mel
+from zipvoice.utils.fileio import atomic_write
 
 LILCOM_ATOL = 0.05  # lilcom stores log-mels on a 2**-5 grid
 

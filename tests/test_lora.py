@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from tests.conftest import PARITY
+from tests.helpers import ADAPTER_FILES, perturb_adapters
 from zipvoice.models.modules.lora_utils import (
     ATTENTION_SUFFIXES,
     FF_CONV_SUFFIXES,
@@ -25,6 +27,7 @@ from zipvoice.models.modules.lora_utils import (
     unwrap_decoder,
 )
 from zipvoice.models.zipvoice import ZipVoice
+from zipvoice.tokenizer.token_file import write_token_file
 from zipvoice.utils.adapter_io import (
     AdapterError,
     fingerprint_state_dict,
@@ -75,15 +78,24 @@ def decoder_output(model: nn.Module, cases: dict) -> torch.Tensor:
         )
 
 
-def perturb_adapters(model: nn.Module, seed: int = 0) -> None:
-    """Give the adapters non-trivial values (B starts at zero, magnitude at ||W||)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.1 * torch.rand(param.shape, generator=generator))
+def save_to(
+    folder: Path, model: nn.Module, config: dict, base_state: dict, **kwargs
+) -> tuple[Path, str]:
+    """`save_adapter` into folder/adapter, with a placeholder token file (`_`, t1, t2, ...)
+    of the model's vocabulary; returns (adapter folder, base fingerprint)."""
+    vocab_size = model.embed.weight.shape[0]
+    token_file = folder / "tokens.txt"
+    write_token_file(token_file, {"_": 0, **{f"t{i}": i for i in range(1, vocab_size)}})
+    fingerprint = fingerprint_state_dict(base_state)
+    out = save_adapter(
+        model,
+        folder / "adapter",
+        base_fingerprint=fingerprint,
+        token_file=token_file,
+        model_config=config,
+        **kwargs,
+    )
+    return out, fingerprint
 
 
 def with_adapters(config, state, use_dora=True, preset="attention", rank=4, vocab_size=None):
@@ -210,32 +222,13 @@ def test_merge_scale_zero_is_the_base_and_half_is_between(
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_adapter_folder_round_trip(model_config, base_state, cases, tmp_path, use_dora):
     extended_vocab = base_state["embed.weight"].shape[0] + 7
-    token_file = tmp_path / "tokens.txt"
-    token_file.write_text(
-        "".join(f"t{i}\t{i}\n" for i in range(extended_vocab)).replace("t0\t", "_\t")
-    )
-    fingerprint = fingerprint_state_dict(base_state)
     model, _ = with_adapters(model_config, base_state, use_dora=use_dora, vocab_size=extended_vocab)
     perturb_adapters(model)
     with torch.no_grad():
         model.embed.weight[-7:].normal_()
-    out = save_adapter(
-        model,
-        tmp_path / "adapter",
-        base_fingerprint=fingerprint,
-        token_file=token_file,
-        model_config=model_config,
-        extra={"step": 3, "tokenizer": "japanese"},
-    )
-    names = {p.name for p in out.iterdir()}
-    assert {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "text_side.safetensors",
-        "tokens.txt",
-        "model.json",
-        "zipvoice_adapter.json",
-    } <= names
+    extra = {"step": 3, "tokenizer": "japanese"}
+    out, fingerprint = save_to(tmp_path, model, model_config, base_state, extra=extra)
+    assert ADAPTER_FILES <= {p.name for p in out.iterdir()}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left
     meta = json.loads((out / "zipvoice_adapter.json").read_text())
     assert meta["base_fingerprint"] == fingerprint and meta["vocab_size"] == extended_vocab
@@ -267,18 +260,8 @@ def test_adapter_folder_round_trip(model_config, base_state, cases, tmp_path, us
 
 
 def test_adapter_refuses_other_base_and_broken_folders(model_config, base_state, tmp_path):
-    token_file = tmp_path / "tokens.txt"
-    vocab = base_state["embed.weight"].shape[0]
-    token_file.write_text("_\t0\n" + "".join(f"t{i}\t{i}\n" for i in range(1, vocab)))
     model, _ = with_adapters(model_config, base_state, use_dora=False)
-    fingerprint = fingerprint_state_dict(base_state)
-    out = save_adapter(
-        model,
-        tmp_path / "adapter",
-        base_fingerprint=fingerprint,
-        token_file=token_file,
-        model_config=model_config,
-    )
+    out, fingerprint = save_to(tmp_path, model, model_config, base_state)
 
     other_state = dict(base_state)
     other_state["fm_decoder.in_proj.bias"] = other_state["fm_decoder.in_proj.bias"] + 1e-3
@@ -312,9 +295,6 @@ def test_adapter_refuses_other_base_and_broken_folders(model_config, base_state,
 def test_pissa_adapter_is_converted_to_apply_on_the_original_base(
     model_config, base_state, cases, tmp_path
 ):
-    token_file = tmp_path / "tokens.txt"
-    vocab = base_state["embed.weight"].shape[0]
-    token_file.write_text("_\t0\n" + "".join(f"t{i}\t{i}\n" for i in range(1, vocab)))
     model = make_model(model_config, base_state)
     config = create_lora_config(
         rank=4, alpha=4, use_dora=False, init="pissa", target_modules=get_lora_target_modules(model)
@@ -323,14 +303,8 @@ def test_pissa_adapter_is_converted_to_apply_on_the_original_base(
     init_dir = tmp_path / "adapter-init"
     model.fm_decoder.save_pretrained(str(init_dir))
     perturb_adapters(model)  # "training"
-    fingerprint = fingerprint_state_dict(base_state)
-    out = save_adapter(
-        model,
-        tmp_path / "adapter",
-        base_fingerprint=fingerprint,
-        token_file=token_file,
-        model_config=model_config,
-        initial_adapter_dir=init_dir,
+    out, fingerprint = save_to(
+        tmp_path, model, model_config, base_state, initial_adapter_dir=init_dir
     )
     expected = decoder_output(model, cases)
     loaded = load_adapter(

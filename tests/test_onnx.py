@@ -12,14 +12,7 @@ import soundfile as sf
 import torch
 
 from tests.conftest import PARITY
-from tests.test_infer import (
-    PROMPT_TEXT,
-    TEXT,
-    expected_samples,
-    make_adapter,
-    make_model_dir,
-    write_prompt_wav,
-)
+from tests.helpers import PROMPT_TEXT, TEXT, expected_samples, make_inference_workdir
 from zipvoice.bin import infer_zipvoice_onnx, onnx_export
 from zipvoice.models.modules.lora_utils import apply_lora_to_model, create_lora_config
 from zipvoice.utils.infer import load_model_for_inference
@@ -31,13 +24,8 @@ VOCOS_DIR = PARITY / "vocos"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("onnx")
-    make_model_dir(root / "zipvoice", "zipvoice")
-    make_model_dir(root / "distill", "distill")
-    write_prompt_wav(root / "prompt.wav")
-    make_adapter(root / "zipvoice", root / "lora", use_dora=False, seed=1)
-    make_adapter(root / "zipvoice", root / "dora", use_dora=True, seed=2)
-    return root
+    adapters = {"lora": (False, 1), "dora": (True, 2)}
+    return make_inference_workdir(tmp_path_factory.mktemp("onnx"), adapters)
 
 
 def export_cli(workdir: Path, out: Path, *extra: str, model: str = "zipvoice") -> int:

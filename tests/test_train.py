@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import PARITY
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
+from tests.helpers import ADAPTER_FILES
 from zipvoice.bin.train_zipvoice import get_parser, main
 from zipvoice.models.modules.lora_utils import is_lora_model
 from zipvoice.utils.adapter_io import fingerprint_state_dict, load_adapter
@@ -107,15 +108,7 @@ def test_cli_trains_and_writes_adapters_checkpoints_and_logs(user_run, base_stat
         "checkpoint-4.pt",
     ]
     for name in ("adapter-2", "adapter"):
-        files = {p.name for p in (exp_dir / name).iterdir()}
-        assert {
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "text_side.safetensors",
-            "tokens.txt",
-            "model.json",
-            "zipvoice_adapter.json",
-        } <= files
+        assert ADAPTER_FILES <= {p.name for p in (exp_dir / name).iterdir()}
     meta = json.loads((exp_dir / "adapter" / "zipvoice_adapter.json").read_text())
     assert meta["base_fingerprint"] == fingerprint_state_dict(base_state)
     assert meta["step"] == 4 and meta["tokenizer"] == "japanese"

@@ -20,10 +20,11 @@ Cuts that are not at 24 kHz are resampled first. Training can skip this step wit
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import sys
 
 from zipvoice.dataset.fbank import FEATURE_TYPES, compute_fbank
+from zipvoice.utils.cli import exit_on_error, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -56,24 +57,22 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    formatter = "%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s"
-    logging.basicConfig(format=formatter, level=logging.INFO, force=True)
+@exit_on_error(system_exit=True)
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_parser().parse_args(argv)
-    try:
-        compute_fbank(
-            source_dir=args.source_dir,
-            dest_dir=args.dest_dir,
-            prefix=args.dataset,
-            subset=args.subset,
-            num_jobs=args.num_jobs,
-            sampling_rate=args.sampling_rate,
-            feature_type=args.type,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}") from None
+    compute_fbank(
+        source_dir=args.source_dir,
+        dest_dir=args.dest_dir,
+        prefix=args.dataset,
+        subset=args.subset,
+        num_jobs=args.num_jobs,
+        sampling_rate=args.sampling_rate,
+        feature_type=args.type,
+        overwrite=args.overwrite,
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

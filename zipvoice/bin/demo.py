@@ -16,9 +16,9 @@ tokens.txt) the pre-training stage is skipped and the adapter is trained on that
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from zipvoice.utils.cli import exit_on_error, setup_logging
 from zipvoice.utils.demo import DemoSettings, run_demo
 
 
@@ -55,9 +55,11 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A stage that fails raises RuntimeError naming it (its own error was printed already).
+@exit_on_error(also=(RuntimeError,))
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging()
     settings = DemoSettings(
         out_dir=args.out_dir,
         model_dir=args.model_dir,
@@ -72,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         text=args.text,
         overwrite=args.overwrite,
     )
-    try:
-        run_demo(settings)
-    except (OSError, ValueError, RuntimeError) as err:
-        print(f"demo failed: {err}", file=sys.stderr)
-        return 1
+    run_demo(settings)
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from zipvoice.dataset.synthetic import (
     JAPANESE_SENTENCES,
@@ -26,6 +27,7 @@ from zipvoice.dataset.synthetic import (
     load_sentences,
     make_japanese_corpus,
 )
+from zipvoice.utils.cli import exit_on_error, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -72,27 +74,25 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    formatter = "%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s"
-    logging.basicConfig(format=formatter, level=logging.INFO, force=True)
+@exit_on_error(system_exit=True)
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_parser().parse_args(argv)
-    try:
-        sentences = load_sentences(args.sentences_file) if args.sentences_file else None
-        pool_size = len(sentences) if sentences is not None else len(JAPANESE_SENTENCES)
-        paths = make_japanese_corpus(
-            args.output_dir,
-            num_speakers=args.num_speakers,
-            num_sentences=args.num_sentences if args.num_sentences is not None else pool_size,
-            name=args.name,
-            dev_fraction=args.dev_fraction,
-            sentences=sentences,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}") from None
+    sentences = load_sentences(args.sentences_file) if args.sentences_file else None
+    pool_size = len(sentences) if sentences is not None else len(JAPANESE_SENTENCES)
+    paths = make_japanese_corpus(
+        args.output_dir,
+        num_speakers=args.num_speakers,
+        num_sentences=args.num_sentences if args.num_sentences is not None else pool_size,
+        name=args.name,
+        dev_fraction=args.dev_fraction,
+        sentences=sentences,
+        overwrite=args.overwrite,
+    )
     logging.info("train: %s", paths["train_tsv"])
     logging.info("dev:   %s", paths["dev_tsv"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

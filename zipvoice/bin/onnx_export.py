@@ -11,13 +11,18 @@ tokens.txt; run them with `python -m zipvoice.bin.infer_zipvoice_onnx`.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
-from zipvoice.utils.infer import load_model_for_inference, model_kind, str2bool
+from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
+from zipvoice.utils.infer import (
+    add_model_arguments,
+    load_model_from_args,
+    model_kind,
+    text_frontend,
+)
 from zipvoice.utils.onnx_export import EXPORTERS, export_model
 
 
@@ -26,25 +31,8 @@ def get_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--onnx-model-dir", default="exp", help="Output folder.")
-    parser.add_argument(
-        "--model-name", default="zipvoice", choices=["zipvoice", "zipvoice_distill"]
-    )
-    parser.add_argument(
-        "--model-dir", default=None, help="Folder with the checkpoint, model.json and tokens.txt."
-    )
-    parser.add_argument("--checkpoint-name", default="model.pt")
-    parser.add_argument("--lora-path", default=None, help="Adapter folder to merge before export.")
-    parser.add_argument(
-        "--lora-scale",
-        type=float,
-        default=1.0,
-        help="Adapter strength merged into the weights (0 = base).",
-    )
-    parser.add_argument(
-        "--merge-lora",
-        type=str2bool,
-        default=True,
-        help="Must stay 1: an unmerged adapter cannot be exported.",
+    add_model_arguments(
+        parser, merge_lora_help="Must stay 1: an unmerged adapter cannot be exported."
     )
     parser.add_argument(
         "--int8", type=str2bool, default=False, help="Also write dynamically int8-quantised copies."
@@ -58,31 +46,27 @@ def get_parser() -> argparse.ArgumentParser:
         help="Recorded in the metadata; default: the adapter's, else emilia.",
     )
     parser.add_argument("--lang", default=None, help="Recorded in the metadata.")
-    parser.add_argument("--exporter", default="torchscript", choices=EXPORTERS)  # fmt: skip
+    parser.add_argument("--exporter", default="torchscript", choices=EXPORTERS)
     return parser
 
 
+# The exporters raise RuntimeError for graphs they cannot export: reported, not traced.
+@exit_on_error(also=(RuntimeError,))
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    setup_logging()
     args = get_parser().parse_args(argv)
-    try:
-        torch.set_grad_enabled(False)
-        model, token_file, meta = load_model_for_inference(
-            args.model_name,
-            args.model_dir,
-            args.checkpoint_name,
-            lora_path=args.lora_path,
-            lora_scale=args.lora_scale,
-            merge_lora=args.merge_lora,
-        )
+    # Gradients off for this call only: main() also runs in-process (the demo, tests).
+    with torch.no_grad():
+        model, token_file, meta = load_model_from_args(args)
         vocoder = None
         if args.vocoder_path is not None:
             from zipvoice.models.vocoder import load_vocoder
 
             vocoder = load_vocoder(args.vocoder_path)
+        tokenizer_name, lang = text_frontend(args, meta)
         metadata = {
-            "tokenizer": args.tokenizer or meta.get("tokenizer", "emilia"),
-            "lang": args.lang or meta.get("lang", "en-us"),
+            "tokenizer": tokenizer_name,
+            "lang": lang,
             "checkpoint": Path(args.checkpoint_name).name,
         }
         if args.lora_path is not None:
@@ -103,9 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             vocoder=vocoder,
             exporter=args.exporter,
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     for path in written.values():
         print(f"wrote {path}")
     print(f"exported a {model_kind(model)} model")

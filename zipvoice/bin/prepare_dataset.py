@@ -32,10 +32,11 @@ skipped row is logged, and the report lists them.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import sys
 
 from zipvoice.dataset.manifests import ON_ERROR_CHOICES, prepare_dataset
+from zipvoice.utils.cli import exit_on_error, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -69,24 +70,22 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    formatter = "%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s"
-    logging.basicConfig(format=formatter, level=logging.INFO, force=True)
+@exit_on_error(system_exit=True)
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_parser().parse_args(argv)
-    try:
-        prepare_dataset(
-            tsv_path=args.tsv_path,
-            prefix=args.prefix,
-            subset=args.subset,
-            output_dir=args.output_dir,
-            num_jobs=args.num_jobs,
-            sampling_rate=args.sampling_rate,
-            on_error=args.on_error,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}") from None
+    prepare_dataset(
+        tsv_path=args.tsv_path,
+        prefix=args.prefix,
+        subset=args.subset,
+        output_dir=args.output_dir,
+        num_jobs=args.num_jobs,
+        sampling_rate=args.sampling_rate,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

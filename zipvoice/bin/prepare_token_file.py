@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from zipvoice.tokenizer.token_file import prepare_token_file
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
+from zipvoice.utils.cli import exit_on_error, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -38,21 +38,18 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_on_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        summary = prepare_token_file(
-            args.tokenizer,
-            args.output,
-            base_token_file=args.base_token_file,
-            overwrite=args.overwrite,
-            lang=args.lang,
-            text_file=args.text_file,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    setup_logging()
+    summary = prepare_token_file(
+        args.tokenizer,
+        args.output,
+        base_token_file=args.base_token_file,
+        overwrite=args.overwrite,
+        lang=args.lang,
+        text_file=args.text_file,
+    )
     print(f"base tokens:  {summary.base_count}")
     print(f"added tokens: {summary.added_count}")
     print(f"total:        {summary.total} -> {summary.output}")

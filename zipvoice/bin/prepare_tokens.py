@@ -20,12 +20,13 @@ A text that yields no tokens (only punctuation or emoji, say), or none that the 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import sys
 
 from zipvoice.dataset.manifests import ON_ERROR_CHOICES
 from zipvoice.dataset.tokens import prepare_tokens
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
+from zipvoice.utils.cli import exit_on_error, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -58,24 +59,22 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    formatter = "%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s"
-    logging.basicConfig(format=formatter, level=logging.INFO, force=True)
+@exit_on_error(system_exit=True)
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_parser().parse_args(argv)
-    try:
-        prepare_tokens(
-            input_file=args.input_file,
-            output_file=args.output_file,
-            tokenizer=args.tokenizer,
-            lang=args.lang,
-            token_file=args.token_file,
-            num_jobs=args.num_jobs,
-            on_error=args.on_error,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
+    prepare_tokens(
+        input_file=args.input_file,
+        output_file=args.output_file,
+        tokenizer=args.tokenizer,
+        lang=args.lang,
+        token_file=args.token_file,
+        num_jobs=args.num_jobs,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,17 +23,7 @@ import sys
 
 from zipvoice.models.modules.lora_utils import LORA_INITS, PRESETS
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
-
-
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (0/1/true/false), got {value!r}")
+from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
@@ -63,7 +53,14 @@ def get_parser() -> argparse.ArgumentParser:
         help="fine-tuning mode: schedules inside the model start at their final values",
     )
     _add(parser, "--checkpoint", type=str, default=None, help="pretrained model.pt to start from")
-    _add(parser, "--base-lr", type=float, default=0.02, help="base learning rate")
+    _add(
+        parser,
+        "--base-lr",
+        type=float,
+        default=None,
+        help="base learning rate (default: 1e-3 with AdamW, i.e. for adapters; 0.02 with "
+        "ScaledAdam, i.e. full training as upstream)",
+    )
     _add(
         parser,
         "--num-iters",
@@ -255,15 +252,14 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Reported through the log, so that the reason a run stopped sits beside its progress lines.
+@exit_on_error(logger=logging.getLogger("zipvoice.train"))
 def main(argv: list[str] | None = None, *, stop_after_step: int | None = None) -> int:
-    from zipvoice.utils.trainer import TrainingError, run_training
+    from zipvoice.utils.trainer import run_training
 
+    setup_logging()
     args = get_parser().parse_args(argv)
-    try:
-        run_training(args, stop_after_step=stop_after_step)
-    except (TrainingError, FileNotFoundError, ValueError) as err:
-        logging.getLogger("zipvoice.train").error("%s", err)
-        return 1
+    run_training(args, stop_after_step=stop_after_step)
     return 0
 
 

@@ -31,24 +31,13 @@ from zipvoice.dataset.dataset import (
     cut_tokens,
     on_the_fly_features,
 )
+from zipvoice.utils.cli import str2bool
 
 DATASETS = ("emilia", "libritts", "custom")
 DEV_NUM_WORKERS = 2
 DEV_NUM_BUCKETS = 10
 MIN_BATCHES_PER_BUCKET = 4
 MIN_CUTS_PER_BUCKET = 10  # lhotse cannot estimate bucket bins from a handful of cuts
-
-
-def str2bool(value: str | bool) -> bool:
-    """argparse type for upstream-style boolean flags (`--shuffle false`, `--shuffle 1`)."""
-    if isinstance(value, bool):
-        return value
-    lowered = value.strip().lower()
-    if lowered in ("yes", "true", "t", "y", "1"):
-        return True
-    if lowered in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 class _SeedWorkers:
@@ -183,11 +172,18 @@ class TtsDataModule:
         first = next(iter(cuts), None)
         if first is None:
             raise ValueError(f"manifest {manifest} holds no cuts")
-        if not self.args.on_the_fly_feats and not first.has_features:
-            raise CutDataError(
-                f"cuts in {manifest} have no precomputed features (cut {first.id}): run "
-                "zipvoice.bin.compute_fbank on it, or pass --on-the-fly-feats true"
-            )
+        if not self.args.on_the_fly_feats:
+            # An eager (in-memory) set is checked whole: one cut without features would
+            # otherwise stop training hours later with an error from inside lhotse.
+            eager = _num_cuts(cuts) is not None
+            lacking = [c.id for c in (cuts if eager else [first]) if not c.has_features]
+            if lacking:
+                more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+                raise CutDataError(
+                    f"{len(lacking)} cut(s) in {manifest} have no precomputed features "
+                    f"(cut {', '.join(lacking[:5])}{more}): run zipvoice.bin.compute_fbank on "
+                    "it, or pass --on-the-fly-feats true"
+                )
         if first.supervisions and cut_tokens(first) is None and self.tokenizer is None:
             raise CutDataError(
                 f"cuts in {manifest} have no tokens (cut {first.id}): run "

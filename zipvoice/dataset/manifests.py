@@ -5,8 +5,8 @@ unreadable audio) is collected with its line number before anything is written; 
 then either fails with all of them listed or skips them, and they go to a rejected-rows report
 either way. The tsv format is described in `zipvoice.bin.prepare_dataset`.
 
-Manifests and reports are written atomically (`atomic_write`): the data-side stages and the
-synthetic corpus generator all write through it, so an interrupted run never leaves a torn file.
+Manifests and reports are written atomically (`zipvoice.utils.fileio`), as everything the
+package writes, so an interrupted run never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import logging
 import math
 import os
 import re
-import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import soundfile
 from lhotse import CutSet, MonoCut, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 from tqdm.auto import tqdm
+
+from zipvoice.utils.fileio import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -228,25 +229,8 @@ def _probe_all(paths: Iterable[str], num_jobs: int) -> dict[str, Recording | str
     return dict(zip(paths, results, strict=True))
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Calls `write(tmp)` for a temporary sibling of `path`, fsyncs it, then renames it over
-    `path`, so an interrupted run never leaves a torn file; the temporary file is removed on
-    failure. Its name ends with `path`'s name, so writers that pick the format from the suffix
-    (lhotse: `.jsonl.gz` is gzipped jsonl) write what `path` asks for."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """UTF-8 with "\\n" line ends on every platform: tsv readers split on them."""
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
+# The old name, still imported by recipes under egs/.
+write_text_atomically = atomic_write_text
 
 
 def write_manifest_atomically(
@@ -262,7 +246,7 @@ def write_rejected_tsv(path: Path, rejected: list[RejectedRow]) -> None:
     for r in rejected:
         reason = r.reason.replace("\t", " ").replace("\n", " ")
         lines.append(f"{r.line}\t{reason}\t{r.raw}\n")
-    write_text_atomically(path, "".join(lines))
+    atomic_write_text(path, "".join(lines))
 
 
 def prepare_dataset(
@@ -282,6 +266,8 @@ def prepare_dataset(
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     tsv_path = Path(tsv_path)
+    if tsv_path.is_dir():
+        raise FileNotFoundError(f"tsv file {tsv_path} is a directory, expected a file")
     if not tsv_path.is_file():
         raise FileNotFoundError(f"tsv file not found: {tsv_path}")
     out = manifest_paths(output_dir, prefix, subset)

@@ -21,7 +21,7 @@ import soxr
 import torch
 from tqdm.auto import tqdm
 
-from zipvoice.dataset.manifests import write_text_atomically
+from zipvoice.utils.fileio import atomic_write_text
 
 SAMPLING_RATE = 24000
 
@@ -97,6 +97,8 @@ PSEUDO_SPEAKERS: tuple[PseudoSpeaker, ...] = (
 def load_sentences(path: str | os.PathLike) -> list[str]:
     """One sentence a line; blank lines and lines starting with '#' are ignored."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"sentence list {path} is a directory, expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"sentence list not found: {path}")
     sentences = []
@@ -207,8 +209,8 @@ def make_japanese_corpus(
         row = f"{utt_id}\t{text}\t{wav_path}"
         (dev_rows if sent_index >= dev_start else train_rows).append(row)
 
-    write_text_atomically(train_tsv, "".join(r + "\n" for r in train_rows))
-    write_text_atomically(dev_tsv, "".join(r + "\n" for r in dev_rows))
+    atomic_write_text(train_tsv, "".join(r + "\n" for r in train_rows))
+    atomic_write_text(dev_tsv, "".join(r + "\n" for r in dev_rows))
     logging.info(
         "Wrote %d train and %d dev utterances (%d speakers) to %s",
         len(train_rows),

@@ -22,9 +22,9 @@ from zipvoice.dataset.manifests import (
     ON_ERROR_CHOICES,
     list_problems,
     write_manifest_atomically,
-    write_text_atomically,
 )
 from zipvoice.tokenizer.tokenizer import get_tokenizer
+from zipvoice.utils.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _write_report(path: Path, rejected: list[RejectedCut]) -> None:
         text = " ".join(r.text.split())
         line = "" if r.tsv_line is None else r.tsv_line
         lines.append(f"{r.cut_id}\t{line}\t{r.reason}\t{text}\n")
-    write_text_atomically(path, "".join(lines))
+    atomic_write_text(path, "".join(lines))
 
 
 def prepare_tokens(

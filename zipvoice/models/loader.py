@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,8 @@ def resolve_model_dir(
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder not found: {folder}")
         for name in files:
+            if (folder / name).is_dir():
+                raise FileNotFoundError(f"{folder / name} is a directory, expected a file")
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"model folder {folder} has no {name}")
         return folder
@@ -85,10 +88,15 @@ def resolve_model_dir(
     return paths[0].parent
 
 
-def _read_model_json(path: Path) -> dict[str, Any]:
+def load_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A model.json as a dict, checked to have its "model" section (the constructor
+    arguments; `build_model` checks those)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} not found")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelConfigError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ModelConfigError(f'{path}: expected {{"model": {{...}}, "feature": {{...}}}}')
@@ -109,7 +117,7 @@ def load_pretrained(
     """
     folder = resolve_model_dir(model_name, model_dir, checkpoint_name=checkpoint_name)
     checkpoint_path = folder / checkpoint_name
-    config = _read_model_json(folder / "model.json")
+    config = load_model_config(folder / "model.json")
     token_path = Path(token_file) if token_file is not None else folder / "tokens.txt"
     token2id = read_token_file(token_path)
     vocab_size = len(token2id)

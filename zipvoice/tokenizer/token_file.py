@@ -7,11 +7,11 @@ every base token at its base id and only append new tokens after them.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from zipvoice.utils.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,8 @@ class TokenFileError(ValueError):
 def read_token_file(path: str | Path) -> dict[str, int]:
     """Read `token<TAB>id` lines, checking what the model relies on (unique ids, a pad token)."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"token file {path} is a directory, expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"token file not found: {path}")
     token2id: dict[str, int] = {}
@@ -83,17 +85,11 @@ def write_token_file(
         if token == "" or "\t" in token or "\n" in token or "\r" in token:
             raise TokenFileError(f"refusing to write {path}: unwritable token {token!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for token, token_id in sorted(token2id.items(), key=lambda item: item[1]):
-                f.write(f"{token}\t{token_id}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    lines = [
+        f"{token}\t{token_id}\n"
+        for token, token_id in sorted(token2id.items(), key=lambda item: item[1])
+    ]
+    atomic_write_text(path, "".join(lines))
 
 
 def extend_token_file(base: Mapping[str, int], new_tokens: Iterable[str]) -> dict[str, int]:

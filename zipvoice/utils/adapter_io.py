@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -38,6 +38,7 @@ from zipvoice.models.modules.lora_utils import (
     lora_layers,
     merge_lora_weights,
 )
+from zipvoice.utils.fileio import atomic_replace_dir, atomic_write_json
 
 ADAPTER_META_FILE = "zipvoice_adapter.json"
 TEXT_SIDE_FILE = "text_side.safetensors"
@@ -76,30 +77,12 @@ def fingerprint_state_dict(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def _text_side_state(model: nn.Module, include_text_encoder: bool) -> dict[str, Tensor]:
     state = {"embed.weight": model.embed.weight.detach().cpu().contiguous()}
     if include_text_encoder:
         for name, tensor in model.text_encoder.state_dict().items():
             state[f"text_encoder.{name}"] = tensor.detach().cpu().contiguous()
     return state
-
-
-def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move a finished folder into place; an older folder of that name is replaced whole."""
-    if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, trash)
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)
 
 
 def save_adapter(
@@ -127,9 +110,8 @@ def save_adapter(
     if include_text_encoder is None:
         include_text_encoder = any(p.requires_grad for p in model.text_encoder.parameters())
     lora_config = peft_decoder.peft_config["default"]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+
+    def build(tmp_dir: Path) -> None:
         save_kwargs: dict[str, Any] = {}
         if initial_adapter_dir is not None:
             save_kwargs["path_initial_model_for_weight_conversion"] = str(initial_adapter_dir)
@@ -144,8 +126,7 @@ def save_adapter(
         save_file(_text_side_state(model, include_text_encoder), str(tmp_dir / TEXT_SIDE_FILE))
         shutil.copyfile(token_file, tmp_dir / TOKENS_FILE)
         if isinstance(model_config, Mapping):
-            config_text = json.dumps(model_config, indent=2, ensure_ascii=False)
-            (tmp_dir / MODEL_CONFIG_FILE).write_text(config_text + "\n", encoding="utf-8")
+            atomic_write_json(tmp_dir / MODEL_CONFIG_FILE, model_config)
         else:
             shutil.copyfile(model_config, tmp_dir / MODEL_CONFIG_FILE)
         meta: dict[str, Any] = {
@@ -165,15 +146,9 @@ def save_adapter(
             },
         }
         meta.update(dict(extra or {}))
-        (tmp_dir / ADAPTER_META_FILE).write_text(
-            json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        _fsync_tree(tmp_dir)
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+        atomic_write_json(tmp_dir / ADAPTER_META_FILE, meta)
+
+    return atomic_replace_dir(out_dir, build)
 
 
 def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
@@ -195,10 +170,88 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         if key not in meta:
             raise AdapterError(f"{meta_path} lacks the field {key!r}")
     try:
-        json.loads((adapter_dir / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
+        peft_config = json.loads((adapter_dir / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{adapter_dir / PEFT_CONFIG_FILE} is not valid JSON: {err}") from err
+    if not isinstance(peft_config, dict):
+        raise AdapterError(f"{adapter_dir / PEFT_CONFIG_FILE} is not a PEFT adapter config")
+    check_peft_files(adapter_dir, meta, peft_config)
     return meta
+
+
+def _weight_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors header, without reading the tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def _module_matches(module: str, pattern: str) -> bool:
+    """PEFT's rule for a list entry or a pattern key: the full name or a dotted suffix."""
+    return module == pattern or module.endswith(f".{pattern}")
+
+
+def _is_targeted(module: str, targets: Any) -> bool:
+    if isinstance(targets, str):  # PEFT matches a string as a regex on the full name
+        return re.fullmatch(targets, module) is not None
+    if isinstance(targets, (list, tuple, set)):
+        return any(_module_matches(module, str(t)) for t in targets)
+    return False
+
+
+def check_peft_files(
+    adapter_dir: Path, meta: Mapping[str, Any], peft_config: Mapping[str, Any]
+) -> None:
+    """adapter_config.json, adapter_model.safetensors and zipvoice_adapter.json must describe
+    one adapter. PEFT itself fails on another rank with a size error from deep in torch, and
+    silently skips the weights of modules that the config does not target."""
+    config_path, weights_path = adapter_dir / PEFT_CONFIG_FILE, adapter_dir / PEFT_WEIGHTS_FILE
+    ranks: dict[str, int] = {}
+    dora_modules: set[str] = set()
+    for key, shape in _weight_shapes(weights_path).items():
+        name = key.removeprefix("base_model.model.")
+        if name.endswith(".lora_A.weight") and shape:
+            ranks[name.removesuffix(".lora_A.weight")] = shape[0]
+        elif name.endswith(".lora_magnitude_vector"):
+            dora_modules.add(name.removesuffix(".lora_magnitude_vector"))
+    if not ranks:
+        raise AdapterError(f"{weights_path} holds no LoRA weights (no lora_A tensors)")
+    rank_pattern = peft_config.get("rank_pattern") or {}
+    for module, found in sorted(ranks.items()):
+        expected = next(
+            (int(r) for key, r in rank_pattern.items() if _module_matches(module, key)),
+            peft_config.get("r"),
+        )
+        if found != expected:
+            raise AdapterError(
+                f"{config_path} says rank {expected} but {weights_path} holds rank {found} "
+                f"(module {module}): the config was edited or belongs to another adapter"
+            )
+    targets = peft_config.get("target_modules")
+    uncovered = [module for module in sorted(ranks) if not _is_targeted(module, targets)]
+    if uncovered:
+        more = f" and {len(uncovered) - 3} more" if len(uncovered) > 3 else ""
+        raise AdapterError(
+            f"{config_path}: target_modules does not cover {', '.join(uncovered[:3])}{more}, "
+            f"whose weights {weights_path} holds (PEFT would silently drop them)"
+        )
+    use_dora = bool(peft_config.get("use_dora", False))
+    if use_dora != bool(dora_modules):
+        holds = "holds DoRA magnitude vectors" if dora_modules else "holds no DoRA magnitudes"
+        raise AdapterError(
+            f"{config_path} says use_dora {str(use_dora).lower()} but {weights_path} {holds}"
+        )
+    declared = (meta.get("lora") or {}).get("target_modules")
+    if declared is not None and set(declared) != set(ranks):
+        missing = sorted(set(declared) - set(ranks))
+        extra = sorted(set(ranks) - set(declared))
+        detail = f"lacks {missing[:3]}" if missing else f"has extra {extra[:3]}"
+        raise AdapterError(
+            f"{weights_path} does not hold the modules {adapter_dir / ADAPTER_META_FILE} "
+            f"lists: it {detail}"
+        )
 
 
 def _load_text_side(model: nn.Module, path: Path, expected_vocab: int) -> None:

@@ -7,8 +7,6 @@ torch) they were given, so dataset code (numpy) and inference code (torch) share
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -16,6 +14,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
+
+from zipvoice.utils.fileio import atomic_write
 
 Wave = TypeVar("Wave", np.ndarray, torch.Tensor)
 
@@ -206,14 +206,5 @@ def save_wav(
     if subtype == "PCM_16":
         data = np.clip(data, -1.0, 1.0)
 
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            sf.write(handle, data, sr, subtype=subtype, format="WAV")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: sf.write(tmp, data, sr, subtype=subtype, format="WAV"))
     return path

@@ -1,22 +1,22 @@
 """Loading and saving model weights safely.
 
 Checkpoints are read only with ``torch.load(weights_only=True)`` or safetensors, so a file
-from the internet cannot run code. Writes go to a temporary file in the target folder,
-are fsynced, then renamed over the target, so an interrupted save never leaves a torn file.
+from the internet cannot run code. Writes go through `zipvoice.utils.fileio`
+(temporary sibling, fsync, rename), so an interrupted save never leaves a torn file.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from zipvoice.utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,28 @@ def _strip_module_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
     return dict(state)
 
 
+def _unpickling_refusal(path: Path, exc: pickle.UnpicklingError) -> str:
+    """One line out of torch's multi-line weights_only error: what the file asked for."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    asks = [line for line in lines if "GLOBAL " in line]
+    if asks:
+        # "... Unsupported global: GLOBAL io.open was not ..." / "... unsupported GLOBAL
+        # posix.system whose module posix is blocked."
+        wanted = asks[0].split("GLOBAL ", 1)[1].split()[0].rstrip(".,")
+        return (
+            f"{path}: refused to load: unpickling it would call {wanted}, which weights_only "
+            "loading forbids (the file may be malicious, or saved with custom classes); "
+            "nothing in it was run"
+        )
+    details = [line for line in lines if not line.startswith(boilerplate)]
+    detail = details[0] if details else type(exc).__name__
+    return (
+        f"{path}: not a readable PyTorch checkpoint (weights_only unpickling failed: {detail}); "
+        "nothing in it was run"
+    )
+
+
 def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     """The model state dict of a ``model.pt`` (``{"model": ...}`` or a bare state dict) or a
     ``.safetensors`` file, with any ``module.`` prefix removed.
@@ -43,6 +65,8 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     or that hold no state dict, and FileNotFoundError for a missing file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a directory, expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -57,13 +81,12 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"{path}: refused to load: the file needs arbitrary code to unpickle, which "
-                f"weights_only loading forbids (it may be malicious or saved with custom "
-                f"classes). Details: {exc}"
-            ) from exc
+            raise CheckpointError(_unpickling_refusal(path, exc)) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint: truncated or corrupt "
+                f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})"
+            ) from exc
         if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
             state = state["model"]
     if not isinstance(state, Mapping) or not state:
@@ -151,36 +174,11 @@ def load_model_state(
     model.load_state_dict(state, strict=True)
 
 
-def _atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_path)`` for a temp file beside ``path``, fsyncs it, then renames it
-    over ``path``; the temp file is removed on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp_name)
-        with open(tmp_name, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically (temp file in the same folder, fsync, rename)."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` atomically (temp file in the same folder, fsync, rename); the folder is
+    created if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_safetensors_atomic(
@@ -192,4 +190,5 @@ def save_safetensors_atomic(
 
     prepared = {key: value.detach().contiguous().clone() for key, value in tensors.items()}
     meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-    _atomic_write(path, lambda tmp: save_file(prepared, tmp, metadata=meta))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(prepared, str(tmp), metadata=meta))

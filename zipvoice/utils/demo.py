@@ -7,7 +7,7 @@ command-line front.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import shlex
 import shutil
@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from zipvoice.utils.fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class DemoSettings:
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Never touch a folder the demo did not make; start over only when asked."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out-dir {out} is a file, not a folder; choose another --out-dir")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FileExistsError(
@@ -78,7 +82,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by python -m zipvoice.bin.demo\n")
+    atomic_write_text(out / MARKER, "made by python -m zipvoice.bin.demo\n")
 
 
 def _run(module: str, main: Callable[[list[str]], int | None], argv: Sequence[str]) -> None:
@@ -93,8 +97,9 @@ def _split_by_speaker(tsv: Path, speakers: set[str], out: Path) -> Path:
     """Rows of `tsv` whose utterance id starts with one of `speakers` (ids are spk_xxx)."""
     with open(tsv, encoding="utf-8") as f:
         rows = [r for r in csv.reader(f, delimiter="\t") if r and r[0].split("_")[0] in speakers]
-    with open(out, "w", encoding="utf-8", newline="") as f:
-        csv.writer(f, delimiter="\t", lineterminator="\n").writerows(rows)
+    text = io.StringIO()
+    csv.writer(text, delimiter="\t", lineterminator="\n").writerows(rows)
+    atomic_write_text(out, text.getvalue())
     return out
 
 
@@ -113,6 +118,11 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
 
     start = time.time()
     out = Path(s.out_dir).resolve()
+    if s.model_dir is not None:
+        # Fail now, not after minutes of corpus generation and feature extraction.
+        from zipvoice.models.loader import resolve_model_dir
+
+        resolve_model_dir(model_dir=s.model_dir)
     _prepare_out_dir(out, s.overwrite)
     data = out / "data"
     manifests, fbank = data / "manifests", data / "fbank"
@@ -192,7 +202,7 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
             flush=True,
         )
         config_path = out / "tiny_model.json"
-        config_path.write_text(json.dumps(TINY_MODEL_CONFIG, indent=2))
+        atomic_write_json(config_path, TINY_MODEL_CONFIG)
         base_exp = out / "exp" / "base"
         _run(
             "zipvoice.bin.train_zipvoice",

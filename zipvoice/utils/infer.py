@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.utils.audio import (
     check_not_silent,
     load_audio,
@@ -29,6 +29,7 @@ from zipvoice.utils.audio import (
     save_wav,
     trim_silence,
 )
+from zipvoice.utils.cli import str2bool
 from zipvoice.utils.feature import compute_vocos_mel
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,11 @@ MAX_CHUNK_SECONDS = 25.0
 CROSS_FADE_SECONDS = 0.1
 # Silence appended to the prompt so that its last phone does not leak into the generation.
 PROMPT_TRAILING_SILENCE_S = 0.2
-TOKENIZER_CHOICES = ("emilia", "espeak", "japanese", "simple")
+# Prompt length limits. Upstream only warns above 20 s (kept); past 60 s a prompt leaves no room
+# in the 25 s chunks (every sentence becomes its own chunk) and its features alone fill memory,
+# so it is refused. Under 0.1 s there is no voice to clone.
+MIN_PROMPT_SECONDS = 0.1
+MAX_PROMPT_SECONDS = 60.0
 MODEL_DEFAULTS: dict[str, dict[str, float | int]] = {
     "zipvoice": {"num_step": 16, "guidance_scale": 1.0},
     "zipvoice_distill": {"num_step": 8, "guidance_scale": 3.0},
@@ -49,13 +54,6 @@ MODEL_DEFAULTS: dict[str, dict[str, float | int]] = {
 
 class InferenceError(ValueError):
     """Inputs the pipeline cannot turn into speech (empty text, bad test list, ...)."""
-
-
-def fix_random_seed(seed: int) -> None:
-    """Seed every generator the pipeline draws from, so a run is reproducible."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def add_punctuation(text: str) -> str:
@@ -183,8 +181,20 @@ def prepare_prompt(
 ) -> Prompt:
     """Load, resample, trim, RMS-normalise and featurise a prompt; tokenise its text."""
     wave = load_audio(wav_path, target_sr=sr).numpy()
+    if wave.shape[-1] < MIN_PROMPT_SECONDS * sr:
+        raise InferenceError(
+            f"prompt {wav_path} is too short ({wave.shape[-1] / sr:.3f} s); give at least "
+            f"{MIN_PROMPT_SECONDS} s of speech (1-10 s works best)"
+        )
     check_not_silent(wave, wav_path)
-    wave = remove_silence(wave, sr, only_edge=False, trailing_s=PROMPT_TRAILING_SILENCE_S)
+    wave = remove_silence(wave, sr, only_edge=False, trailing_s=0.0)
+    if wave.shape[-1] > MAX_PROMPT_SECONDS * sr:
+        raise InferenceError(
+            f"prompt {wav_path} is too long ({wave.shape[-1] / sr:.1f} s without its silences); "
+            f"at most {MAX_PROMPT_SECONDS:.0f} s is accepted and 1-10 s works best: cut a "
+            "shorter piece and give its transcript"
+        )
+    wave = np.concatenate([wave, np.zeros(int(PROMPT_TRAILING_SILENCE_S * sr), np.float32)])
     scale = 1.0
     if target_rms > 0:
         wave, scale = rms_normalize(wave, target_rms)
@@ -488,15 +498,40 @@ def torch_vocoder(vocoder: nn.Module, device: torch.device | str = "cpu") -> Voc
 # ---------------------------------------------------------------------------------------------
 
 
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {value!r}")
+def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -> None:
+    """Which model to load and which adapter to apply, for PyTorch inference and ONNX export."""
+    parser.add_argument(
+        "--model-name", default="zipvoice", choices=["zipvoice", "zipvoice_distill"]
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="Folder with the checkpoint, model.json and tokens.txt; "
+        "downloaded from the hub if omitted.",
+    )
+    parser.add_argument("--checkpoint-name", default="model.pt")
+    parser.add_argument(
+        "--lora-path", default=None, help="Adapter folder written by training, to merge in."
+    )
+    parser.add_argument(
+        "--lora-scale",
+        type=float,
+        default=1.0,
+        help="Adapter strength: 0 = base model, 1 = as trained.",
+    )
+    parser.add_argument("--merge-lora", type=str2bool, default=True, help=merge_lora_help)
+
+
+def load_model_from_args(args: argparse.Namespace) -> tuple[nn.Module, Path, dict[str, Any]]:
+    """`load_model_for_inference` with the flags of `add_model_arguments`."""
+    return load_model_for_inference(
+        args.model_name,
+        args.model_dir,
+        args.checkpoint_name,
+        lora_path=args.lora_path,
+        lora_scale=args.lora_scale,
+        merge_lora=args.merge_lora,
+    )
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -504,7 +539,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        choices=TOKENIZER_CHOICES,
+        choices=TOKENIZER_NAMES,
         help="Text front end; default: the adapter's, else emilia.",
     )
     parser.add_argument(
@@ -588,6 +623,15 @@ def resolve_sampling_defaults(args: argparse.Namespace, kind: str) -> None:
         raise InferenceError(f"--num-step must be >= 1, got {args.num_step}")
 
 
+def text_frontend(args: argparse.Namespace, metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """(tokenizer, lang): the flags if given, else what the adapter or export recorded, else
+    the pretrained model's front end."""
+    return (
+        args.tokenizer or metadata.get("tokenizer", "emilia"),
+        args.lang or metadata.get("lang", "en-us"),
+    )
+
+
 def make_text_functions(
     tokenizer_name: str, token_file: str | Path, lang: str
 ) -> tuple[Callable[[str], list[str]], Callable[[list[list[str]]], list[list[int]]]]:
@@ -595,6 +639,29 @@ def make_text_functions(
 
     tokenizer = get_tokenizer(tokenizer_name, token_file=token_file, lang=lang)
     return (lambda text: tokenizer.texts_to_tokens([text])[0]), tokenizer.tokens_to_token_ids
+
+
+def synthesizer_from_args(
+    args: argparse.Namespace,
+    sample_features: SampleFn,
+    vocode: VocodeFn,
+    token_file: str | Path,
+    metadata: Mapping[str, Any],
+) -> Synthesizer:
+    """A Synthesizer for a backend, configured by the flags of `add_generation_arguments`."""
+    tokenizer_name, lang = text_frontend(args, metadata)
+    text_to_tokens, tokens_to_ids = make_text_functions(tokenizer_name, token_file, lang)
+    return Synthesizer(
+        text_to_tokens,
+        tokens_to_ids,
+        sample_features,
+        vocode,
+        feat_scale=args.feat_scale,
+        target_rms=args.target_rms,
+        speed=args.speed,
+        max_duration=args.max_duration,
+        remove_long_sil=args.remove_long_sil,
+    )
 
 
 def run_from_args(args: argparse.Namespace, synthesizer: Synthesizer) -> GenerationStats:

@@ -35,7 +35,11 @@ def _session(path: Path, num_thread: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_thread
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's own exception types; any means an unusable file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise OnnxModelError(f"{path} is not a readable ONNX model: {reason}") from err
 
 
 class OnnxZipVoice:

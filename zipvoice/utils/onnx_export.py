@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +26,7 @@ from torch import Tensor, nn
 
 from zipvoice.models.modules.lora_utils import is_lora_model
 from zipvoice.models.zipvoice import get_tokens_index
+from zipvoice.utils.fileio import atomic_copy, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +121,7 @@ def add_metadata(path: str | Path, metadata: Mapping[str, Any]) -> None:
         prop = existing.get(key) or model.metadata_props.add()
         prop.key = str(key)
         prop.value = value if isinstance(value, str) else json.dumps(value)
-    onnx.save(model, str(path))
+    atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -140,20 +138,19 @@ def _export(
     dynamic_axes: dict[str, dict[int, str]],
     exporter: str,
 ) -> None:
-    """Export to a temp file beside `path`, check it, then rename it into place."""
+    """Export to a temp file beside `path` and check it before it replaces `path`."""
     if exporter not in EXPORTERS:
         raise OnnxExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     module.eval()
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and deprecation chatter
             if exporter == "torchscript":
                 torch.onnx.export(
                     module,
                     args,
-                    tmp_name,
+                    str(tmp),
                     dynamo=False,
                     opset_version=OPSET,
                     input_names=input_names,
@@ -181,13 +178,11 @@ def _export(
                     output_names=output_names,
                     dynamic_shapes=tuple(shapes),
                 )
-                program.save(tmp_name)
+                program.save(str(tmp))
         module.eval()  # the TorchScript exporter restores the wrapper's mode on the way out
-        onnx.checker.check_model(tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        onnx.checker.check_model(str(tmp))
+
+    atomic_write(path, write)
 
 
 def export_text_encoder(model: nn.Module, path: str | Path, exporter: str = "torchscript") -> Path:
@@ -265,20 +260,17 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         quantize_dynamic(
             model_input=str(src),
-            model_output=tmp_name,
+            model_output=str(tmp),
             op_types_to_quantize=["MatMul", "Gemm"],
             weight_type=QuantType.QInt8,
         )
-        add_metadata(tmp_name, {**read_metadata(src), "quantization": "int8-dynamic"})
-        os.replace(tmp_name, dst)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        add_metadata(tmp, {**read_metadata(src), "quantization": "int8-dynamic"})
+
+    atomic_write(dst, write)
     return dst
 
 
@@ -344,6 +336,6 @@ def export_model(
         written["vocoder"] = export_vocoder(vocoder.eval(), out_dir / VOCODER_FILE, exporter)
         add_metadata(written["vocoder"], {"comment": "Vocos mel vocoder", "sample_rate": "24000"})
     if Path(token_file).resolve() != (out_dir / TOKENS_FILE).resolve():
-        shutil.copyfile(token_file, out_dir / TOKENS_FILE)
+        atomic_copy(token_file, out_dir / TOKENS_FILE)
     written["tokens"] = out_dir / TOKENS_FILE
     return written

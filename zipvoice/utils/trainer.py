@@ -50,6 +50,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from zipvoice.models.loader import load_model_config
 from zipvoice.models.modules.lora_utils import (
     apply_lora_to_model,
     count_parameters,
@@ -60,6 +61,8 @@ from zipvoice.models.modules.lora_utils import (
     mutates_base_weights,
 )
 from zipvoice.utils.adapter_io import INITIAL_ADAPTER_DIR, fingerprint_state_dict, save_adapter
+from zipvoice.utils.cli import LOG_FORMAT, fix_random_seed, setup_logging
+from zipvoice.utils.fileio import atomic_copy, atomic_replace_dir, atomic_write_json
 from zipvoice.utils.optim import Eden, LRScheduler, ScaledAdam, WarmupCosine
 
 logger = logging.getLogger("zipvoice.train")
@@ -121,12 +124,6 @@ def set_batch_count(model: nn.Module, batch_count: float) -> None:
 def adjusted_batch_count(step: int, max_duration: float, world_size: int, ref_duration: float):
     """Batch count in units of `ref_duration` seconds of audio, as upstream's schedules expect."""
     return step * (max_duration * world_size) / ref_duration
-
-
-def fix_random_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -191,19 +188,6 @@ class ModelSetup:
     lora_config: Any = None
 
 
-def load_model_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model config {path} not found")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"model config {path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ValueError(f"model config {path} lacks the 'model' section")
-    return config
-
-
 def use_flow_matching_loss(model: nn.Module) -> None:
     """Make a ZipVoice-Distill model train with the plain flow-matching loss.
 
@@ -224,6 +208,20 @@ def use_flow_matching_loss(model: nn.Module) -> None:
     model.forward = types.MethodType(ZipVoice.forward, model)
 
 
+def check_tokens_extend_base(checkpoint: Path, token_file: Path) -> None:
+    """A released model folder keeps tokens.txt beside model.pt: the training token file must
+    give each of those tokens the same id, or the pretrained embedding rows change meaning
+    (a token file made without --base-token-file)."""
+    from zipvoice.tokenizer.token_file import check_token_prefix, read_token_file
+
+    base_tokens = checkpoint.parent / "tokens.txt"
+    if not base_tokens.is_file() or base_tokens.resolve() == token_file.resolve():
+        return
+    check_token_prefix(
+        read_token_file(base_tokens), read_token_file(token_file), base_tokens, token_file
+    )
+
+
 def setup_model(
     args: argparse.Namespace, vocab_size: int, pad_id: int, model_config: Mapping[str, Any]
 ) -> ModelSetup:
@@ -238,6 +236,7 @@ def setup_model(
         base_vocab_size = int(state["embed.weight"].shape[0]) if "embed.weight" in state else 0
         load_model_state(model, state, args.checkpoint, extend_embed=True)
         del state
+        check_tokens_extend_base(Path(args.checkpoint), Path(args.token_file))
     else:
         if args.use_lora:
             raise TrainingError("--use-lora 1 needs the pretrained base model: pass --checkpoint")
@@ -347,6 +346,18 @@ def resolve_optimizer_kind(args: argparse.Namespace) -> str:
     return "adamw" if args.use_lora else "scaledadam"
 
 
+# AdamW moves zero-initialised adapters at 1e-3; ScaledAdam's updates are relative to each
+# parameter's RMS, so upstream's 0.02 is its scale.
+DEFAULT_BASE_LR = {"adamw": 1e-3, "scaledadam": 0.02}
+
+
+def resolve_base_lr(args: argparse.Namespace) -> float:
+    """--base-lr when given, else the sane value for the optimiser in use."""
+    if args.base_lr is not None:
+        return args.base_lr
+    return DEFAULT_BASE_LR[resolve_optimizer_kind(args)]
+
+
 def resolve_warmup_steps(args: argparse.Namespace) -> int:
     if args.warmup_steps >= 0:
         return args.warmup_steps
@@ -363,16 +374,17 @@ def build_optimizer(
     params = [p for p in unwrap_ddp(model).parameters() if p.requires_grad]
     if not params:
         raise TrainingError("nothing to train: every parameter is frozen")
+    lr = resolve_base_lr(args)
     if kind == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            params, lr=args.base_lr, betas=(0.9, 0.999), weight_decay=args.weight_decay
+            params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay
         )
         total = args.num_iters if (args.num_iters > 0 and args.lr_schedule == "cosine") else 0
         scheduler: LRScheduler = WarmupCosine(
             optimizer, warmup_steps=resolve_warmup_steps(args), total_steps=total
         )
     elif kind == "scaledadam":
-        optimizer = ScaledAdam(params, lr=args.base_lr, clipping_scale=2.0)
+        optimizer = ScaledAdam(params, lr=lr, clipping_scale=2.0)
         lr_epochs = args.lr_hours if args.lr_hours > 0 else args.lr_epochs
         scheduler = Eden(optimizer, args.lr_batches, lr_epochs)
     else:
@@ -494,6 +506,23 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def remove_unfinished_saves(exp_dir: Path) -> None:
+    """Delete the temporary files and folders of saves that a kill interrupted (atomic writes
+    name them `.tmp-*` beside their target); the finished files never depend on them."""
+    leftovers = sorted(exp_dir.glob(".tmp-*"))
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if leftovers:
+        logger.warning(
+            "removed %d unfinished save(s) left by an interrupted run: %s",
+            len(leftovers),
+            ", ".join(p.name for p in leftovers),
+        )
+
+
 def prune_checkpoints(exp_dir: Path, keep_last_k: int) -> None:
     if keep_last_k <= 0:
         return
@@ -537,16 +566,6 @@ def identity_differences(old: Mapping, new: Mapping) -> list[str]:
             else:
                 diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return diffs
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def choose_resume_checkpoint(
@@ -698,16 +717,23 @@ def run_training(
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    args.base_lr = resolve_base_lr(args)
+    if args.base_lr <= 0:
+        raise ValueError(f"--base-lr must be positive, got {args.base_lr}")
     if args.world_size < 1:
         raise ValueError(f"--world-size must be at least 1, got {args.world_size}")
     if args.num_iters <= 0 and args.num_epochs <= 0:
         raise ValueError("give a positive --num-iters or --num-epochs")
-    for name in ("model_config", "token_file"):
+    for name in ("model_config", "token_file", "checkpoint"):
         value = getattr(args, name)
+        if name == "checkpoint" and not value:
+            continue
+        if value and Path(value).is_dir():
+            raise FileNotFoundError(
+                f"--{name.replace('_', '-')} {value} is a directory, expected a file"
+            )
         if not value or not Path(value).is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {value} not found")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint} not found")
     # Train/dev manifests may be relative to --manifest-dir: the data module checks them.
     if args.forgetting_manifest and not Path(args.forgetting_manifest).is_file():
         raise FileNotFoundError(f"--forgetting-manifest {args.forgetting_manifest} not found")
@@ -716,11 +742,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def _setup_logging(exp_dir: Path, rank: int) -> logging.Handler | None:
+    setup_logging()
     root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
-        )
     root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
     # Other DDP ranks only report problems: the console shows one copy of the progress.
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -728,7 +751,7 @@ def _setup_logging(exp_dir: Path, rank: int) -> logging.Handler | None:
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
     handler = logging.FileHandler(log_dir / f"log-train-{stamp}-rank{rank}.txt", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger.addHandler(handler)
     return handler
 
@@ -839,6 +862,7 @@ def _train(
     resume_path = None
     if _is_main(rank):
         resume_path = choose_resume_checkpoint(args, exp_dir, identity)
+        remove_unfinished_saves(exp_dir)
     if world_size > 1:
         shared = [str(resume_path) if resume_path else None]
         dist.broadcast_object_list(shared, src=0)
@@ -849,7 +873,9 @@ def _train(
     if args.use_lora and mutates_base_weights(setup.lora_config):
         initial_adapter_dir = exp_dir / INITIAL_ADAPTER_DIR
         if _is_main(rank) and checkpoint is None:
-            get_peft_decoder(model).save_pretrained(str(initial_adapter_dir))
+            atomic_replace_dir(
+                initial_adapter_dir, lambda tmp: get_peft_decoder(model).save_pretrained(str(tmp))
+            )
 
     use_amp = bool(args.use_fp16) and device.type == "cuda"
     if args.use_fp16 and not use_amp:
@@ -912,12 +938,12 @@ def _train(
 
     run_id = hashlib.sha1(str(exp_dir.resolve()).encode()).hexdigest()[:12]
     if _is_main(rank):
-        write_json_atomic(
+        atomic_write_json(
             exp_dir / RUN_CONFIG_FILE,
             {"identity": identity, "args": {k: v for k, v in vars(args).items() if _is_plain(v)}},
         )
-        shutil.copyfile(args.model_config, exp_dir / "model.json")
-        shutil.copyfile(args.token_file, exp_dir / "tokens.txt")
+        atomic_copy(args.model_config, exp_dir / "model.json")
+        atomic_copy(args.token_file, exp_dir / "tokens.txt")
     experiment = ExperimentLog(args, exp_dir, rank, run_id)
     opened.append(experiment)
     if _is_main(rank) and trainable:
@@ -944,6 +970,24 @@ def _train(
     }
 
     def save_point(final: bool) -> None:
+        """Like write_save_point, but a failed write (a full disk) stops the run with a message
+        that says which checkpoint is still intact to resume from."""
+        try:
+            write_save_point(final)
+        except OSError as err:
+            newest = list_checkpoints(exp_dir)
+            intact = (
+                f"the newest complete checkpoint, {newest[-1][1]}, is intact"
+                if newest
+                else "no checkpoint was written yet"
+            )
+            raise TrainingError(
+                f"saving step {state.step} (checkpoint-{state.step}.pt and its adapter) in "
+                f"{exp_dir} failed: {err}. Nothing was half-written: {intact}; free some space "
+                "and rerun the same command to resume"
+            ) from err
+
+    def write_save_point(final: bool) -> None:
         """Checkpoint + adapter (or full model) at the current step; rank 0 writes."""
         rng = get_rng_state()
         if world_size > 1:
@@ -1039,7 +1083,8 @@ def _train(
             # lhotse counts epochs from 0; a restored sampler already sits in its epoch.
             train_dl.sampler.set_epoch(state.epoch - 1)
             state.batches_in_epoch = 0
-        restored_mid_epoch = False
+        # A checkpoint saved on an epoch's last batch restores a sampler with nothing left.
+        may_be_empty, restored_mid_epoch = restored_mid_epoch, False
         saw_batch = False
         batches = iter(train_dl)
         if rng_to_restore is not None:
@@ -1127,12 +1172,12 @@ def _train(
                 return unwrap_ddp(model)
             if finished:
                 break
-        if not saw_batch:
+        if not saw_batch and not may_be_empty:
             raise TrainingError("the training set yielded no batches (check --max-duration)")
         if not finished:
             state.epoch += 1
 
-    if args.valid_interval > 0 and state.step % args.valid_interval != 0:
+    if args.valid_interval <= 0 or state.step % args.valid_interval != 0:
         validate()
     save_point(final=True)
     logger.info("training finished at step %d", state.step)
@@ -1160,5 +1205,5 @@ def _save_full_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint({"model": state}, out_dir / "model.pt")
-    write_json_atomic(out_dir / "model.json", dict(model_config))
-    shutil.copyfile(args.token_file, out_dir / "tokens.txt")
+    atomic_write_json(out_dir / "model.json", dict(model_config))
+    atomic_copy(args.token_file, out_dir / "tokens.txt")

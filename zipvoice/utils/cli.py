@@ -1,0 +1,93 @@
+"""What every entry point under `zipvoice.bin` shares: boolean flags, the console log format,
+seeding, and reporting a user's mistake as one line instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import random
+import sys
+from collections.abc import Callable
+from typing import ParamSpec
+
+import numpy as np
+import torch
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
+TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
+FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
+# Errors a user can cause (bad paths, bad files, bad values, a missing optional package). Any
+# exception class defined in the package itself counts too (TrainingError, CheckpointError...).
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
+
+P = ParamSpec("P")
+
+
+def str2bool(value: str | bool) -> bool:
+    """argparse type for upstream-style boolean flags (`--use-lora 1`, `--shuffle false`)."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"expected a boolean (1/0, true/false, yes/no, y/n, on/off, t/f), got {value!r}"
+    )
+
+
+def setup_logging(level: int | str = logging.INFO) -> None:
+    """Console logging in one format for every command. Leaves an existing set-up alone (a
+    caller that configured logging, or pytest's capture), so commands can run in-process."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+def fix_random_seed(seed: int) -> None:
+    """Seed every generator training and inference draw from, so a run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def is_expected_error(err: BaseException) -> bool:
+    return isinstance(err, EXPECTED_ERRORS) or type(err).__module__.startswith("zipvoice.")
+
+
+def exit_on_error(
+    main: Callable[P, int | None] | None = None,
+    *,
+    also: tuple[type[BaseException], ...] = (),
+    logger: logging.Logger | None = None,
+    system_exit: bool = False,
+) -> Callable[P, int] | Callable[[Callable[P, int | None]], Callable[P, int]]:
+    """Decorates an entry point's `main`: an expected error (see EXPECTED_ERRORS; `also` adds
+    more) becomes `error: <message>` on stderr and exit code 1, anything else keeps its
+    traceback (a bug). `main` returning None means success (0).
+
+    How the message leaves differs only for in-process callers (run as a command, all give
+    `error: ...` on stderr and status 1): by default it is printed and 1 returned; with
+    `logger` it is logged there at ERROR level (training: beside the run's own log lines);
+    with `system_exit` SystemExit("error: ...") is raised (the data-preparation commands)."""
+
+    def decorate(fn: Callable[P, int | None]) -> Callable[P, int]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
+            try:
+                code = fn(*args, **kwargs)
+            except Exception as err:
+                if not (is_expected_error(err) or isinstance(err, also)):
+                    raise
+                if system_exit:
+                    raise SystemExit(f"error: {err}") from None
+                if logger is not None:
+                    logger.error("error: %s", err)
+                else:
+                    print(f"error: {err}", file=sys.stderr)
+                return 1
+            return 0 if code is None else code
+
+        return wrapper
+
+    return decorate if main is None else decorate(main)
