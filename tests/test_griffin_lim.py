@@ -9,7 +9,7 @@ from zipvoice.utils.feature import compute_vocos_mel
 def test_griffin_lim_reproduces_the_mel_of_a_tone():
     sr = 24000
     t = torch.arange(sr) / sr
-    wave = (0.3 * torch.sin(2 * math.pi * 220 * t) * (1 + torch.sin(2 * math.pi * 3 * t)) / 2)
+    wave = 0.3 * torch.sin(2 * math.pi * 220 * t) * (1 + torch.sin(2 * math.pi * 3 * t)) / 2
     mel = compute_vocos_mel(wave.unsqueeze(0))  # (1, T, 100)
     vocoder = load_vocoder("griffin-lim")
     out = vocoder.decode(mel.transpose(1, 2))

@@ -14,6 +14,7 @@ from torch import nn
 from zipvoice.utils.feature import HOP_LENGTH, N_FFT, SAMPLING_RATE, mel_filterbank
 
 GRIFFIN_LIM_NAME = "griffin-lim"
+MAX_MEL_MAGNITUDE = 100.0
 
 
 class GriffinLimVocoder(nn.Module):
@@ -33,7 +34,10 @@ class GriffinLimVocoder(nn.Module):
     def decode(self, mel: torch.Tensor) -> torch.Tensor:
         if mel.ndim != 3:
             raise ValueError(f"decode expects mel (batch, n_mels, frames), got {tuple(mel.shape)}")
-        mag = torch.clamp(torch.exp(mel).transpose(1, 2) @ self.inverse_fb, min=0.0)  # (B,T,F)
+        # Bounded like Vocos' head bounds its magnitudes: an under-trained model's outlier bins
+        # would otherwise dominate the whole signal.
+        mel_mag = torch.clamp(torch.exp(mel), max=MAX_MEL_MAGNITUDE)
+        mag = torch.clamp(mel_mag.transpose(1, 2) @ self.inverse_fb, min=0.0)  # (B, T, F)
         mag = mag.transpose(1, 2)  # (B, F, T)
         length = mel.shape[-1] * HOP_LENGTH
         gen = torch.Generator().manual_seed(self.seed)

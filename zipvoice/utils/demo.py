@@ -55,12 +55,12 @@ class DemoSettings:
     vocoder_path: str = "griffin-lim"
     num_speakers: int = 4
     num_sentences: int = 16
-    pretrain_iters: int = 400
-    lora_iters: int = 150
+    pretrain_iters: int = 600
+    lora_iters: int = 100
     lora_rank: int = 32
     lora_alpha: float = 64.0
     use_dora: bool = True
-    max_duration: float = 40.0
+    max_duration: float = 20.0
     text: str = "今日はとても良い天気ですね。"
     overwrite: bool = False
     progress: bool = True
@@ -212,7 +212,10 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
                 "--model-config", config_path, "--num-iters", s.pretrain_iters,
                 "--train-manifest", cuts("base_train"), "--dev-manifest", cuts("base_dev"),
                 "--exp-dir", base_exp, "--save-every-n", s.pretrain_iters, "--base-lr", 0.02,
-                "--lr-batches", max(100, s.pretrain_iters // 2),
+                "--lr-batches", max(50, s.pretrain_iters // 2),
+                # The model's dropout / layer-skip schedules settle after ~20000 batches of
+                # upstream's size; count in smaller units so they settle halfway through.
+                "--ref-duration", s.pretrain_iters / 2 * s.max_duration / 20000,
             ],
         )  # fmt: skip
         model_dir = base_exp / "finetuned"
