@@ -112,6 +112,7 @@ def worker(cli: argparse.Namespace) -> None:
     from zipvoice.utils.trainer import (
         _update_average,
         adjusted_batch_count,
+        backward_and_step,
         build_optimizer,
         flow_matching_loss,
         set_batch_count,
@@ -159,13 +160,7 @@ def worker(cli: argparse.Namespace) -> None:
             enabled=autocast_dtype is not None,
         ):
             loss = flow_matching_loss(model, batch, condition_drop_ratio=args.condition_drop_ratio)
-        scaler.scale(loss).backward()
-        if optimizer_kind == "adamw" and args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable_params, args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        backward_and_step(loss, scaler, optimizer, optimizer_kind, trainable_params, args.grad_clip)
         synchronize(device)
         if step >= cli.warmup:
             step_seconds.append(time.perf_counter() - start)

@@ -441,6 +441,24 @@ def flow_matching_loss(
 
 
 @torch.no_grad()
+def backward_and_step(
+    loss: Tensor,
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    optimizer_kind: str,
+    params: list[nn.Parameter],
+    grad_clip: float,
+) -> None:
+    """One optimiser update. ScaledAdam clips internally; AdamW clips the gradient norm here."""
+    scaler.scale(loss).backward()
+    if optimizer_kind == "adamw" and grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def deterministic_loss(model: nn.Module, batch: Batch, seed: int) -> float:
     """Loss with fixed noise, t = i/B and seeded span masks, without touching global RNGs:
     the same number for the same weights in any run."""
@@ -1126,13 +1144,9 @@ def _train(
                         f"{exp_dir} is intact"
                     )
                 continue
-            scaler.scale(loss).backward()
-            if optimizer_kind == "adamw" and args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable_params, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            backward_and_step(
+                loss, scaler, optimizer, optimizer_kind, trainable_params, args.grad_clip
+            )
             state.step += 1
 
             loss_value = float(loss.detach())
