@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-SHARED = Path(os.environ.get("ZIPVOICE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-RELEASED_CONFIG = SHARED / "fixtures" / "upstream_parity" / "zipvoice" / "base_model.json"
+PARITY = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "upstream_parity"
+RELEASED_CONFIG = PARITY / "zipvoice" / "base_model.json"
 RELEASED_VOCAB_SIZE = 360  # the released tokens.txt (emilia); the Japanese file is close
 RESULT_PREFIX = "BENCHMARK_RESULT "
 MIB = 1024 * 1024

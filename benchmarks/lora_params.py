@@ -26,8 +26,8 @@ from zipvoice.models.modules.lora_utils import (
 )
 from zipvoice.models.zipvoice import ZipVoice
 
-SHARED = Path(os.environ.get("ZIPVOICE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-DEFAULT_CONFIG = SHARED / "fixtures" / "upstream_parity" / "zipvoice" / "base_model.json"
+PARITY = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "upstream_parity"
+DEFAULT_CONFIG = PARITY / "zipvoice" / "base_model.json"
 
 
 def build(config: dict, vocab_size: int) -> ZipVoice:
