@@ -5,8 +5,8 @@
         --batch-size 8 --frames 1000 --tokens 150 --steps 20 --warmup 3   # a GPU
 
 The model is the released configuration with random weights (cost does not depend on the
-values), set up by the trainer's own `setup_model` / `build_optimizer` from a temporary
-checkpoint, and trained on one fixed synthetic batch. Each method runs in a fresh process:
+values), set up by the trainer's own functions (`zipvoice.training.model_setup.setup_model`,
+`zipvoice.training.optimizer.build_optimizer`) from a temporary checkpoint, and trained on one fixed synthetic batch. Each method runs in a fresh process:
 
 - full: every parameter trains with ScaledAdam + Eden, as upstream fine-tunes, and the trainer
   keeps its float64 averaged copy of the trainable weights (`model_avg`) on the CPU;
@@ -28,8 +28,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from zipvoice.training.config import TrainingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -65,38 +69,28 @@ def parse_method(method: str) -> tuple[bool, bool, str]:
     return True, kind == "dora", preset
 
 
-def trainer_args(method: str, checkpoint: Path, cli: argparse.Namespace) -> argparse.Namespace:
-    """The training command's own parsed flags for this method (its defaults elsewhere)."""
-    from zipvoice.bin.train_zipvoice import get_parser
+def trainer_config(method: str, checkpoint: Path, cli: argparse.Namespace) -> TrainingConfig:
+    """The training command's configuration for this method (its defaults elsewhere)."""
+    from zipvoice.training.config import TrainingConfig
 
     use_lora, use_dora, preset = parse_method(method)
-    argv = [
-        "--checkpoint",
-        str(checkpoint),
-        "--finetune",
-        "1",
-        "--num-iters",
-        str(cli.warmup + cli.steps),
-        "--use-lora",
-        str(int(use_lora)),
-        "--use-dora",
-        str(int(use_dora)),
-        "--lora-target-modules",
-        preset,
-        "--lora-rank",
-        str(cli.rank),
-        "--lora-alpha",
-        str(2 * cli.rank),
-        "--use-fp16",
-        str(int(cli.dtype == "fp16")),
-    ]
-    if use_lora:
-        argv += ["--base-lr", "0.001"]  # the documented adapter learning rate
-    return get_parser().parse_args(argv)
+    return TrainingConfig().replace(
+        checkpoint=str(checkpoint),
+        finetune=True,
+        num_iters=cli.warmup + cli.steps,
+        use_lora=use_lora,
+        use_dora=use_dora,
+        lora_target_modules=preset,
+        lora_rank=cli.rank,
+        lora_alpha=2 * cli.rank,
+        use_fp16=cli.dtype == "fp16",
+        # The documented adapter learning rate; full training keeps ScaledAdam's default.
+        base_lr=0.001 if use_lora else None,
+    )
 
 
 def synthetic_batch(cli: argparse.Namespace, feat_dim: int, device: torch.device):
-    from zipvoice.utils.trainer import Batch
+    from zipvoice.training.steps import Batch
 
     generator = torch.Generator().manual_seed(1234)
     tokens = torch.randint(1, cli.vocab_size, (cli.batch_size, cli.tokens), generator=generator)
@@ -109,14 +103,14 @@ def synthetic_batch(cli: argparse.Namespace, feat_dim: int, device: torch.device
 def worker(cli: argparse.Namespace) -> None:
     """One method in this process: set up as the trainer does, run steps, report."""
     from zipvoice.models.modules.lora_utils import count_parameters
-    from zipvoice.utils.trainer import (
-        _update_average,
+    from zipvoice.training.checkpoints import update_average
+    from zipvoice.training.model_setup import setup_model
+    from zipvoice.training.optimizer import build_optimizer
+    from zipvoice.training.steps import (
         adjusted_batch_count,
         backward_and_step,
-        build_optimizer,
         flow_matching_loss,
         set_batch_count,
-        setup_model,
     )
 
     device = resolve_device(cli.device)
@@ -124,8 +118,8 @@ def worker(cli: argparse.Namespace) -> None:
         torch.set_num_threads(cli.threads)
     torch.manual_seed(0)
     config, _ = released_model_config(cli.model_config)
-    args = trainer_args(cli.worker, cli.checkpoint, cli)
-    setup = setup_model(args, cli.vocab_size, PAD_ID, config)
+    training = trainer_config(cli.worker, cli.checkpoint, cli)
+    setup = setup_model(training, cli.vocab_size, PAD_ID, config)
     model = setup.model
     trainable, total = count_parameters(model)
     # The trainer's running average of the trainable weights: float64, on the CPU.
@@ -135,7 +129,7 @@ def worker(cli: argparse.Namespace) -> None:
         if p.requires_grad
     }
     model.to(device).train()
-    optimizer, scheduler, optimizer_kind = build_optimizer(model, args)
+    optimizer, scheduler, optimizer_kind = build_optimizer(model, training)
     autocast_dtype = AUTOCAST_DTYPES[cli.dtype]
     use_scaler = cli.dtype == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -151,7 +145,9 @@ def worker(cli: argparse.Namespace) -> None:
     for step in range(cli.warmup + cli.steps):
         synchronize(device)
         start = time.perf_counter()
-        count = adjusted_batch_count(step, args.max_duration, 1, args.ref_duration)
+        count = adjusted_batch_count(
+            step, training.data.max_duration, 1, training.model.ref_duration
+        )
         set_batch_count(model, count + 100000)  # --finetune 1
         scheduler.step_batch(step)
         with torch.autocast(
@@ -159,8 +155,12 @@ def worker(cli: argparse.Namespace) -> None:
             dtype=autocast_dtype or torch.float32,
             enabled=autocast_dtype is not None,
         ):
-            loss = flow_matching_loss(model, batch, condition_drop_ratio=args.condition_drop_ratio)
-        backward_and_step(loss, scaler, optimizer, optimizer_kind, trainable_params, args.grad_clip)
+            loss = flow_matching_loss(
+                model, batch, condition_drop_ratio=training.model.condition_drop_ratio
+            )
+        backward_and_step(
+            loss, scaler, optimizer, optimizer_kind, trainable_params, training.optim.grad_clip
+        )
         synchronize(device)
         if step >= cli.warmup:
             step_seconds.append(time.perf_counter() - start)
@@ -168,7 +168,7 @@ def worker(cli: argparse.Namespace) -> None:
     peak_bytes = memory.peak_bytes()
 
     start = time.perf_counter()
-    _update_average(model_avg, model, args.average_period, args.average_period)
+    update_average(model_avg, model, training.optim.average_period, training.optim.average_period)
     synchronize(device)
     average_seconds = time.perf_counter() - start
 
@@ -180,7 +180,7 @@ def worker(cli: argparse.Namespace) -> None:
             "total": total,
             "step_seconds": step_seconds,
             "average_seconds": average_seconds,
-            "average_period": args.average_period,
+            "average_period": training.optim.average_period,
             "before_bytes": before_bytes,
             "peak_bytes": peak_bytes,
             "whole_process_peak": memory.whole_process,

@@ -16,7 +16,7 @@ from zipvoice.models.modules.lora_utils import (
     create_lora_config,
     get_lora_target_modules,
 )
-from zipvoice.utils.adapter_io import fingerprint_state_dict, save_adapter
+from zipvoice.models.modules.adapter_folder import fingerprint_state_dict, save_adapter
 from zipvoice.utils.checkpoint import load_checkpoint_state
 
 PROMPT_TEXT = "hello there"

@@ -639,7 +639,7 @@ def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(infer_dir, tmp
         create_lora_config,
         get_lora_target_modules,
     )
-    from zipvoice.utils.adapter_io import save_adapter
+    from zipvoice.models.modules.adapter_folder import save_adapter
 
     lora = adapter_copy(infer_dir, tmp_path / "adapter")
     before = {p.name: p.read_bytes() for p in lora.iterdir()}
@@ -652,7 +652,7 @@ def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(infer_dir, tmp
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("zipvoice.utils.adapter_io.save_file", disk_full)
+        patch.setattr("zipvoice.models.modules.adapter_folder.save_file", disk_full)
         with pytest.raises(OSError, match="No space left"):
             save_adapter(
                 model,

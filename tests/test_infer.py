@@ -21,7 +21,7 @@ from tests.helpers import (  # noqa: F401 - make_adapter & co. are also imported
     write_prompt_wav,
 )
 from zipvoice.bin import infer_zipvoice
-from zipvoice.utils.adapter_io import AdapterError
+from zipvoice.models.modules.adapter_folder import AdapterError
 from zipvoice.utils.checkpoint import load_checkpoint_state
 from zipvoice.utils.infer import (
     add_punctuation,

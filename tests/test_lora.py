@@ -28,7 +28,7 @@ from zipvoice.models.modules.lora_utils import (
 )
 from zipvoice.models.zipvoice import ZipVoice
 from zipvoice.tokenizer.token_file import write_token_file
-from zipvoice.utils.adapter_io import (
+from zipvoice.models.modules.adapter_folder import (
     AdapterError,
     fingerprint_state_dict,
     load_adapter,

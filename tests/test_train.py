@@ -19,18 +19,28 @@ from tests.conftest import PARITY
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
 from tests.helpers import ADAPTER_FILES
 from zipvoice.bin.train_zipvoice import get_parser, main
+from zipvoice.dataset.config import DataConfig
+from zipvoice.models.modules.adapter_folder import fingerprint_state_dict, load_adapter
+from zipvoice.models.modules.lora_config import LoraSettings
 from zipvoice.models.modules.lora_utils import is_lora_model
-from zipvoice.utils.adapter_io import fingerprint_state_dict, load_adapter
-from zipvoice.utils.trainer import (
+from zipvoice.training.callbacks import StopAfterSteps
+from zipvoice.training.config import (
+    AdapterConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainingConfig,
     TrainingError,
-    build_optimizer,
+)
+from zipvoice.training.model_setup import setup_model
+from zipvoice.training.optimizer import build_optimizer
+from zipvoice.training.steps import (
     deterministic_loss,
     flow_matching_loss,
     prepare_batch,
-    run_training,
     set_batch_count,
-    setup_model,
 )
+from zipvoice.training.trainer import run_training
 
 MODEL_DIR = PARITY / "zipvoice"
 
@@ -75,6 +85,49 @@ def user_flags(data: dict, exp_dir: Path, **overrides: object) -> list[str]:
         if value is not None:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def user_config(data: dict, exp_dir: Path, **overrides: object) -> TrainingConfig:
+    """The same run as `user_flags`, built as a TrainingConfig; `overrides` are named by flag
+    destination (`num_iters=6`, `lora_rank=16`)."""
+    config = TrainingConfig(
+        data=DataConfig(
+            dataset="custom",
+            train_manifest=str(data["train_cuts"]),
+            dev_manifest=str(data["dev_cuts"]),
+            max_duration=6,
+            num_workers=0,
+        ),
+        model=ModelConfig(
+            model_config=str(MODEL_DIR / "model.json"),
+            checkpoint=str(MODEL_DIR / "model.pt"),
+            tokenizer="japanese",
+            token_file=str(data["token_file"]),
+            finetune=True,
+        ),
+        adapter=AdapterConfig(
+            use_lora=True, lora=LoraSettings(rank=32, alpha=64, use_dora=True, dropout=0.05)
+        ),
+        optim=OptimConfig(base_lr=0.001, lr_hours=3800),
+        run=RunConfig(
+            exp_dir=str(exp_dir),
+            world_size=1,
+            use_fp16=True,
+            num_iters=4,
+            valid_interval=2,
+            save_every_n=2,
+            tensorboard=False,
+            log_interval=1,
+        ),
+    )
+    return config.replace(**overrides)
+
+
+def test_the_config_and_the_cli_flags_describe_the_same_run(japanese_fbank_manifests, tmp_path):
+    data = japanese_fbank_manifests
+    from_cli = TrainingConfig.from_flags(get_parser().parse_args(user_flags(data, tmp_path)))
+    assert from_cli == user_config(data, tmp_path)
+    assert from_cli.base_lr == 0.001 and from_cli.optimizer_kind == "adamw"
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +213,7 @@ def test_exp_dir_of_another_run_is_refused(user_run, japanese_fbank_manifests, c
 
 def _fixed_batch_run(data, tmp_path, base_state, optimizer: str, steps: int = 20, **extra):
     """Train on one fixed batch; return (loss before, loss after, max |lora_B|, model)."""
-    argv = user_flags(
+    config = user_config(
         data,
         tmp_path,
         optimizer=optimizer,
@@ -170,19 +223,18 @@ def _fixed_batch_run(data, tmp_path, base_state, optimizer: str, steps: int = 20
         lr_schedule="constant",
         **extra,
     )
-    args = get_parser().parse_args(argv)
     from zipvoice.dataset.datamodule import TtsDataModule
     from zipvoice.tokenizer.tokenizer import get_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = get_tokenizer("japanese", args.token_file)
-    config = json.loads(Path(args.model_config).read_text())
-    setup = setup_model(args, tokenizer.vocab_size, tokenizer.pad_id, config)
+    tokenizer = get_tokenizer("japanese", config.model.token_file)
+    model_json = json.loads(Path(config.model.model_config).read_text())
+    setup = setup_model(config, tokenizer.vocab_size, tokenizer.pad_id, model_json)
     model = setup.model
-    datamodule = TtsDataModule(args, tokenizer=tokenizer)
+    datamodule = TtsDataModule(config.data, tokenizer=tokenizer, seed=config.run.seed)
     raw = next(iter(datamodule.train_dataloaders(datamodule.train_cuts())))
-    batch = prepare_batch(raw, tokenizer, args.feat_scale, torch.device("cpu"))
-    optimizer_, scheduler, _ = build_optimizer(model, args)
+    batch = prepare_batch(raw, tokenizer, config.model.feat_scale, torch.device("cpu"))
+    optimizer_, scheduler, _ = build_optimizer(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     before = deterministic_loss(model, batch, seed=1)
@@ -232,10 +284,10 @@ def test_adapter_training_lowers_the_loss_and_keeps_the_base_bit_identical(
 def test_resume_after_a_kill_ends_like_an_uninterrupted_run(japanese_fbank_manifests, tmp_path):
     data = japanese_fbank_manifests
     common = dict(num_iters=6, save_every_n=3, valid_interval=3, use_dora=1)
-    straight = get_parser().parse_args(user_flags(data, tmp_path / "straight", **common))
-    run_training(straight)
-    interrupted = get_parser().parse_args(user_flags(data, tmp_path / "killed", **common))
-    run_training(interrupted, stop_after_step=5)  # "killed" after step 5: newest checkpoint is 3
+    run_training(user_config(data, tmp_path / "straight", **common))
+    interrupted = user_config(data, tmp_path / "killed", **common)
+    # "Killed" after step 5: the newest checkpoint is 3.
+    run_training(interrupted, callbacks=[StopAfterSteps(5)])
     assert not (tmp_path / "killed" / "adapter").exists()
     run_training(interrupted)
     for name in ("adapter_model.safetensors", "text_side.safetensors"):
@@ -255,7 +307,7 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_on_cpu(japanese_fbank_manifests, tmp_path):
-    argv = user_flags(
+    config = user_config(
         japanese_fbank_manifests,
         tmp_path,
         world_size=2,
@@ -265,7 +317,7 @@ def test_two_process_ddp_on_cpu(japanese_fbank_manifests, tmp_path):
         valid_interval=0,
         max_duration=3,
     )
-    assert run_training(get_parser().parse_args(argv)) is None
+    assert run_training(config) is None
     checkpoint = torch.load(tmp_path / "checkpoint-2.pt", weights_only=True)
     assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -295,33 +347,34 @@ def test_non_finite_loss_skips_the_batch_then_stops(japanese_fbank_manifests, tm
         caplog.clear()
         calls["n"] = 0
         poisoned = set(range(1, 100))
-        args = user_flags(data, tmp_path / "all", num_iters=3, valid_interval=0, max_bad_batches=1)
+        config = user_config(
+            data, tmp_path / "all", num_iters=3, valid_interval=0, max_bad_batches=1
+        )
         with pytest.raises(TrainingError, match="--max-bad-batches 1"):
-            run_training(get_parser().parse_args(args))
+            run_training(config)
 
 
 def test_distill_checkpoint_trains_adapters_with_the_flow_matching_loss(
     japanese_fbank_manifests, tmp_path
 ):
-    argv = user_flags(
+    config = user_config(
         japanese_fbank_manifests,
         tmp_path,
-        distill=1,
-        checkpoint=PARITY / "distill" / "model.pt",
-        model_config=PARITY / "distill" / "model.json",
+        distill=True,
+        checkpoint=str(PARITY / "distill" / "model.pt"),
+        model_config=str(PARITY / "distill" / "model.json"),
     )
-    args = get_parser().parse_args(argv)
     from zipvoice.dataset.datamodule import TtsDataModule
     from zipvoice.models.zipvoice_distill import ZipVoiceDistill
     from zipvoice.tokenizer.tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer("japanese", args.token_file)
-    config = json.loads(Path(args.model_config).read_text())
-    model = setup_model(args, tokenizer.vocab_size, tokenizer.pad_id, config).model
+    tokenizer = get_tokenizer("japanese", config.model.token_file)
+    model_json = json.loads(Path(config.model.model_config).read_text())
+    model = setup_model(config, tokenizer.vocab_size, tokenizer.pad_id, model_json).model
     assert isinstance(model, ZipVoiceDistill)
-    datamodule = TtsDataModule(args, tokenizer=tokenizer)
+    datamodule = TtsDataModule(config.data, tokenizer=tokenizer, seed=config.run.seed)
     raw = next(iter(datamodule.train_dataloaders(datamodule.train_cuts())))
-    batch = prepare_batch(raw, tokenizer, args.feat_scale, torch.device("cpu"))
+    batch = prepare_batch(raw, tokenizer, config.model.feat_scale, torch.device("cpu"))
     loss = flow_matching_loss(model, batch, condition_drop_ratio=0.0)
     loss.backward()
     assert torch.isfinite(loss)

@@ -25,7 +25,6 @@ finished are reused on a rerun; `--force` redoes the adaptation runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -34,10 +33,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +46,9 @@ sys.path.insert(0, str(HERE))
 from english_corpus import SPEAKERS, make_english_corpus  # noqa: E402
 
 from zipvoice.dataset.manifests import write_text_atomically  # noqa: E402
+
+if TYPE_CHECKING:
+    from zipvoice.training.config import TrainingConfig
 
 logger = logging.getLogger("lora_study")
 
@@ -119,22 +121,23 @@ ADAMW_ADAPT_LR = 0.001
 class Method:
     name: str
     description: str
-    flags: tuple[str, ...]
+    # TrainingConfig changes, named by flag destination (see TrainingConfig.replace).
+    settings: Mapping[str, Any]
     # Decoder-relative parameter-name prefixes that stay trainable (None: the trainer decides).
     decoder_trainable: tuple[str, ...] | None = None
 
 
-def _full(optimizer: str = "adamw") -> tuple[str, ...]:
+def _full(optimizer: str = "adamw") -> dict[str, Any]:
     lr = ADAMW_ADAPT_LR if optimizer == "adamw" else SCALEDADAM_ADAPT_LR
-    return ("--use-lora", "0", "--optimizer", optimizer, "--base-lr", str(lr))
+    return {"use_lora": False, "optimizer": optimizer, "base_lr": lr}
 
 
-def _lora(rank: int, dora: bool, targets: str) -> tuple[str, ...]:
-    return (
-        "--use-lora", "1", "--use-dora", "1" if dora else "0", "--lora-rank", str(rank),
-        "--lora-alpha", str(2 * rank), "--lora-target-modules", targets,
-        "--lora-dropout", "0.05", "--optimizer", "adamw", "--base-lr", str(ADAMW_ADAPT_LR),
-    )  # fmt: skip
+def _lora(rank: int, dora: bool, targets: str) -> dict[str, Any]:
+    return {
+        "use_lora": True, "use_dora": dora, "lora_rank": rank, "lora_alpha": 2 * rank,
+        "lora_target_modules": targets, "lora_dropout": 0.05, "optimizer": "adamw",
+        "base_lr": ADAMW_ADAPT_LR,
+    }  # fmt: skip
 
 
 METHODS: tuple[Method, ...] = (
@@ -162,7 +165,7 @@ METHODS: tuple[Method, ...] = (
     Method(
         "dora_r32_attn_text_frozen",
         "DoRA r32/a64, attention; text encoder frozen (of the text side only the embedding trains)",
-        _lora(32, True, "attention") + ("--train-text-encoder", "0"),
+        {**_lora(32, True, "attention"), "train_text_encoder": False},
     ),
 )
 
@@ -347,52 +350,34 @@ def prepare_data(layout: Layout, budget: Budget) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def decoder_trainable_only(prefixes: tuple[str, ...] | None) -> Iterator[None]:
-    """Freeze the decoder except parameters whose decoder-relative names start with `prefixes`.
+@dataclass(frozen=True)
+class DecoderPrefixes:
+    """Trainer `trainable` predicate: of the decoder, only parameters whose decoder-relative
+    names start with `prefixes` train; the rest of the model is left to the trainer."""
 
-    The trainer has no option for freezing (part of) the decoder in full fine-tuning, so its
-    `setup_model` is wrapped for the duration of one run; everything else (optimiser over
-    the parameters that still require grad, checkpoints, validation) is the trainer's own.
-    """
-    from zipvoice.utils import trainer
+    prefixes: tuple[str, ...]
 
-    if prefixes is None:
-        yield
-        return
-    original = trainer.setup_model
-
-    def setup_model(args, vocab_size, pad_id, model_config):
-        setup = original(args, vocab_size, pad_id, model_config)
-        for name, param in setup.model.fm_decoder.named_parameters():
-            if not name.startswith(prefixes):
-                param.requires_grad_(False)
-        return setup
-
-    trainer.setup_model = setup_model
-    try:
-        yield
-    finally:
-        trainer.setup_model = original
+    def __call__(self, name: str) -> bool:
+        if not name.startswith("fm_decoder."):
+            return True
+        return name.removeprefix("fm_decoder.").startswith(self.prefixes)
 
 
-def trainer_args(argv: Sequence[str]) -> argparse.Namespace:
-    from zipvoice.bin.train_zipvoice import get_parser
-
-    return get_parser().parse_args(list(argv))
-
-
-def common_flags(
+def common_config(
     layout: Layout, budget: Budget, exp_dir: Path, steps: int, seed: int = SEED
-) -> list[str]:
-    return [
-        "--world-size", "1", "--use-fp16", "0", "--dataset", "custom",
-        "--model-config", str(layout.model_json), "--exp-dir", str(exp_dir),
-        "--num-iters", str(steps), "--valid-interval", str(budget.valid_every),
-        "--save-every-n", "0", "--keep-last-k", "1", "--log-interval", "20",
-        "--max-duration", str(budget.max_duration), "--num-workers", "0",
-        "--seed", str(seed), "--resume", "never", "--tensorboard", "1",
-    ]  # fmt: skip
+) -> TrainingConfig:
+    from zipvoice.dataset.config import DataConfig
+    from zipvoice.training.config import ModelConfig, RunConfig, TrainingConfig
+
+    return TrainingConfig(
+        data=DataConfig(dataset="custom", max_duration=budget.max_duration, num_workers=0),
+        model=ModelConfig(model_config=str(layout.model_json)),
+        run=RunConfig(
+            exp_dir=str(exp_dir), world_size=1, use_fp16=False, num_iters=steps,
+            valid_interval=budget.valid_every, save_every_n=0, keep_last_k=1, log_interval=20,
+            seed=seed, resume="never", tensorboard=True,
+        ),
+    )  # fmt: skip
 
 
 def validation_curves(exp_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -424,15 +409,17 @@ class Evaluator:
             "en_dev": self.layout.fbank("en", "dev"),
         }
 
-    def __call__(self, model: torch.nn.Module, args: argparse.Namespace) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, config: TrainingConfig) -> dict[str, float]:
         from lhotse import CutSet
 
         from zipvoice.dataset.datamodule import TtsDataModule
         from zipvoice.tokenizer.tokenizer import get_tokenizer
-        from zipvoice.utils.trainer import compute_validation_loss
+        from zipvoice.training.steps import compute_validation_loss
 
-        tokenizer = get_tokenizer(args.tokenizer, args.token_file, args.lang)
-        datamodule = TtsDataModule(args, tokenizer=tokenizer)
+        tokenizer = get_tokenizer(
+            config.model.tokenizer, config.model.token_file, config.model.lang
+        )
+        datamodule = TtsDataModule(config.data, tokenizer=tokenizer, seed=config.run.seed)
         losses = {}
         for name, path in self.sets.items():
             loader = datamodule.dev_dataloaders(CutSet.from_file(path))
@@ -440,7 +427,7 @@ class Evaluator:
                 model,
                 loader,
                 tokenizer=tokenizer,
-                feat_scale=args.feat_scale,
+                feat_scale=config.model.feat_scale,
                 device=torch.device("cpu"),
                 seed=SEED,  # the same noise for every model, whatever seed trained it
             )
@@ -448,7 +435,7 @@ class Evaluator:
 
 
 def pretrain(layout: Layout, budget: Budget) -> dict[str, Any]:
-    from zipvoice.utils.trainer import run_training
+    from zipvoice.training.trainer import run_training
 
     exp_dir = layout.exp / "pretrain"
     result_path = exp_dir / "result.json"
@@ -457,20 +444,19 @@ def pretrain(layout: Layout, budget: Budget) -> dict[str, Any]:
         return json.loads(result_path.read_text(encoding="utf-8"))
     if exp_dir.exists():
         shutil.rmtree(exp_dir)  # an interrupted run of this study; start it cleanly
-    argv = common_flags(layout, budget, exp_dir, budget.pretrain_steps) + [
-        "--tokenizer", english_tokenizer(), "--token-file", str(layout.tokens_en),
-        "--train-manifest", str(layout.fbank("en", "train")),
-        "--dev-manifest", str(layout.fbank("en", "dev")),
-        "--forgetting-manifest", str(layout.fbank("en", "heldout")),
-        "--optimizer", "scaledadam", "--base-lr", str(PRETRAIN_LR),
-        "--lr-batches", str(PRETRAIN_LR_BATCHES), "--finetune", "0",
+    config = common_config(layout, budget, exp_dir, budget.pretrain_steps).replace(
+        tokenizer=english_tokenizer(), token_file=str(layout.tokens_en),
+        train_manifest=str(layout.fbank("en", "train")),
+        dev_manifest=str(layout.fbank("en", "dev")),
+        forgetting_manifest=str(layout.fbank("en", "heldout")),
+        optimizer="scaledadam", base_lr=PRETRAIN_LR, lr_batches=PRETRAIN_LR_BATCHES,
+        finetune=False,
         # Upstream's schedules (dropout, layer skipping, balancers) settle by a batch count of
         # about 20000; count batches in smaller units so that they do so halfway through.
-        "--ref-duration", str((budget.pretrain_steps / 2) * budget.max_duration / 20000),
-    ]  # fmt: skip
-    args = trainer_args(argv)
+        ref_duration=(budget.pretrain_steps / 2) * budget.max_duration / 20000,
+    )  # fmt: skip
     start = time.monotonic()
-    run_training(args)
+    run_training(config)
     result = {
         "wall_s": time.monotonic() - start,
         "steps": budget.pretrain_steps,
@@ -480,18 +466,20 @@ def pretrain(layout: Layout, budget: Budget) -> dict[str, Any]:
     return result
 
 
-def adaptation_flags(layout: Layout, budget: Budget, exp_dir: Path, seed: int = SEED) -> list[str]:
-    return common_flags(layout, budget, exp_dir, budget.adapt_steps, seed) + [
-        "--tokenizer", "japanese", "--token-file", str(layout.tokens_en_ja),
-        "--checkpoint", str(layout.base_checkpoint), "--finetune", "1",
-        "--train-manifest", str(layout.fbank("ja", "train")),
-        "--dev-manifest", str(layout.fbank("ja", "dev")),
-        "--forgetting-manifest", str(layout.fbank("en", "heldout")),
-        "--warmup-steps", str(max(1, budget.adapt_steps // 20)), "--lr-schedule", "cosine",
+def adaptation_config(
+    layout: Layout, budget: Budget, exp_dir: Path, seed: int = SEED
+) -> TrainingConfig:
+    return common_config(layout, budget, exp_dir, budget.adapt_steps, seed).replace(
+        tokenizer="japanese", token_file=str(layout.tokens_en_ja),
+        checkpoint=str(layout.base_checkpoint), finetune=True,
+        train_manifest=str(layout.fbank("ja", "train")),
+        dev_manifest=str(layout.fbank("ja", "dev")),
+        forgetting_manifest=str(layout.fbank("en", "heldout")),
+        warmup_steps=max(1, budget.adapt_steps // 20), lr_schedule="cosine",
         # Eden's warm-up and decay would make ScaledAdam's rate differ from AdamW's over the
         # same budget: keep ScaledAdam's rate nearly flat, as upstream's fine-tuning does.
-        "--lr-batches", "100000",
-    ]  # fmt: skip
+        lr_batches=100000,
+    )  # fmt: skip
 
 
 def count_trainable(model: torch.nn.Module) -> dict[str, int]:
@@ -505,16 +493,18 @@ def count_trainable(model: torch.nn.Module) -> dict[str, int]:
 def evaluate_base(layout: Layout, budget: Budget, evaluate: Evaluator) -> dict[str, Any]:
     """The pre-trained model as every adaptation run starts from it (extended embedding with
     the same seeded new rows), before any step."""
+    from zipvoice.models.loader import load_model_config
     from zipvoice.tokenizer.tokenizer import get_tokenizer
-    from zipvoice.utils.trainer import fix_random_seed, load_model_config, setup_model
+    from zipvoice.training.model_setup import setup_model
+    from zipvoice.utils.cli import fix_random_seed
 
-    args = trainer_args(adaptation_flags(layout, budget, layout.exp / "base") + ["--use-lora", "0"])
-    fix_random_seed(args.seed)
-    tokenizer = get_tokenizer(args.tokenizer, args.token_file, args.lang)
-    setup = setup_model(
-        args, tokenizer.vocab_size, tokenizer.pad_id, load_model_config(args.model_config)
-    )
-    losses = evaluate(setup.model, args)
+    config = adaptation_config(layout, budget, layout.exp / "base").replace(use_lora=False)
+    fix_random_seed(config.run.seed)
+    model_cfg = config.model
+    tokenizer = get_tokenizer(model_cfg.tokenizer, model_cfg.token_file, model_cfg.lang)
+    model_json = load_model_config(model_cfg.model_config)
+    setup = setup_model(config, tokenizer.vocab_size, tokenizer.pad_id, model_json)
+    losses = evaluate(setup.model, config)
     return {
         "method": "base",
         "description": "pre-trained English model, before adaptation",
@@ -536,7 +526,7 @@ def adapt(
     seed: int = SEED,
 ) -> dict[str, Any]:
     """One adaptation run; a seed other than SEED repeats it to show training noise."""
-    from zipvoice.utils.trainer import run_training
+    from zipvoice.training.trainer import run_training
 
     name = method.name if seed == SEED else f"{method.name}_seed{seed}"
     exp_dir = layout.exp / name
@@ -546,11 +536,12 @@ def adapt(
         return json.loads(result_path.read_text(encoding="utf-8"))
     if exp_dir.exists():
         shutil.rmtree(exp_dir)
-    args = trainer_args(adaptation_flags(layout, budget, exp_dir, seed) + list(method.flags))
+    config = adaptation_config(layout, budget, exp_dir, seed).replace(**method.settings)
+    prefixes = method.decoder_trainable
+    trainable = DecoderPrefixes(prefixes) if prefixes is not None else None
     logger.info("%s: %s", name, method.description)
     start = time.monotonic()
-    with decoder_trainable_only(method.decoder_trainable):
-        model = run_training(args)
+    model = run_training(config, trainable=trainable)
     wall = time.monotonic() - start
     result = {
         "method": name,
@@ -559,7 +550,7 @@ def adapt(
         **count_trainable(model),
         "wall_s": wall,
         "steps": budget.adapt_steps,
-        **evaluate(model, args),
+        **evaluate(model, config),
         "curves": validation_curves(exp_dir),
     }
     write_json(result_path, result)

@@ -13,6 +13,8 @@ LoRA fine-tuning of the pretrained model on a Japanese corpus:
       --exp-dir exp/zipvoice_japanese_lora --wandb-project zipvoice-japanese
 
 Rerunning the same command continues from the newest checkpoint in --exp-dir (see --resume).
+The flags fill a `zipvoice.training.config.TrainingConfig` (one group of flags per part of it);
+`zipvoice.training.trainer.Trainer` runs it.
 """
 
 from __future__ import annotations
@@ -21,245 +23,138 @@ import argparse
 import logging
 import sys
 
-from zipvoice.models.modules.lora_utils import LORA_INITS, PRESETS
+from zipvoice.dataset.config import add_data_arguments
+from zipvoice.models.modules.lora_config import LORA_INITS, PRESETS
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
+from zipvoice.training.config import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    AdapterConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+)
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
 
+MODEL, LORA, OPTIM, RUN = ModelConfig(), AdapterConfig().lora, OptimConfig(), RunConfig()
 
-def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
-    """Add an option unless the data module already defines it (shared flags)."""
-    if flag in parser._option_string_actions:  # noqa: SLF001 - argparse has no public query
-        return
-    parser.add_argument(flag, **kwargs)
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model", "What to build, from which weights and tokens.")
+    add = group.add_argument
+    add("--model-config", type=str, default=MODEL.model_config,
+        help="model.json of the model; the default is the released configuration, in the recipe")
+    add("--checkpoint", type=str, default=MODEL.checkpoint, help="pretrained model.pt")
+    add("--tokenizer", type=str, default=MODEL.tokenizer, choices=TOKENIZER_NAMES,
+        help="tokenizer the token file was made for")
+    add("--lang", type=str, default=MODEL.lang, help="espeak language")
+    add("--token-file", type=str, default=MODEL.token_file, help="tokens.txt of the vocabulary")
+    add("--distill", type=str2bool, default=MODEL.distill,
+        help="the checkpoint is ZipVoice-Distill (trained with the flow-matching loss)")
+    add("--finetune", type=str2bool, default=MODEL.finetune,
+        help="fine-tuning mode: schedules inside the model start at their final values")
+    add("--train-text-encoder", type=str2bool, default=MODEL.train_text_encoder,
+        help="also train the text encoder (with LoRA the embedding always trains)")
+    add("--feat-scale", type=float, default=MODEL.feat_scale, help="features are multiplied by it")
+    add("--condition-drop-ratio", type=float, default=MODEL.condition_drop_ratio,
+        help="probability of dropping an utterance's text condition")
+    add("--ref-duration", type=float, default=MODEL.ref_duration,
+        help="seconds of audio per batch that the model's internal schedules assume")  # fmt: skip
+
+
+def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "adapter", "LoRA/DoRA on the decoder (zipvoice.models.modules.lora_config.LoraSettings)."
+    )
+    add = group.add_argument
+    add("--use-lora", type=str2bool, default=AdapterConfig().use_lora,
+        help="train LoRA/DoRA adapters on the decoder; the base decoder stays frozen")
+    add("--lora-rank", type=int, default=LORA.rank, help="adapter rank r")
+    add("--lora-alpha", type=float, default=LORA.alpha, help="adapter scaling numerator alpha")
+    add("--use-dora", type=str2bool, default=LORA.use_dora, help="DoRA instead of plain LoRA")
+    add("--lora-dropout", type=float, default=LORA.dropout, help="dropout on the adapter input")
+    add("--lora-target-modules", type=str, default=LORA.target_modules,
+        help=f"a preset ({', '.join(PRESETS)}) or comma-separated module suffixes/names")
+    add("--lora-init", type=str, default=LORA.init,
+        help=f"adapter initialisation: {', '.join(LORA_INITS)} or pissa_niter_<N>")
+    add("--use-rslora", type=str2bool, default=LORA.use_rslora,
+        help="rank-stabilised scaling alpha/sqrt(rank)")  # fmt: skip
+
+
+def _add_optim_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimisation")
+    add = group.add_argument
+    add("--optimizer", type=str, default=OPTIM.optimizer, choices=OPTIMIZERS,
+        help="auto: AdamW for adapters, ScaledAdam + Eden for full training")
+    add("--base-lr", type=float, default=OPTIM.base_lr,
+        help="base learning rate (None: 1e-3 with AdamW, i.e. for adapters; 0.02 with "
+        "ScaledAdam, i.e. full training as upstream)")
+    add("--warmup-steps", type=int, default=OPTIM.warmup_steps,
+        help="AdamW linear warm-up steps (-1: 5%% of --num-iters, at most 500)")
+    add("--lr-schedule", type=str, default=OPTIM.lr_schedule, choices=LR_SCHEDULES,
+        help="AdamW schedule after warm-up (cosine needs --num-iters)")
+    add("--weight-decay", type=float, default=OPTIM.weight_decay, help="AdamW weight decay")
+    add("--grad-clip", type=float, default=OPTIM.grad_clip,
+        help="AdamW gradient-norm clipping (0: off); ScaledAdam clips on its own")
+    add("--lr-batches", type=float, default=OPTIM.lr_batches, help="Eden: batches of lr decay")
+    add("--lr-epochs", type=float, default=OPTIM.lr_epochs, help="Eden: epochs of lr decay")
+    add("--lr-hours", type=float, default=OPTIM.lr_hours,
+        help="Eden: if > 0, hours of audio of lr decay (replaces --lr-epochs)")
+    add("--average-period", type=int, default=OPTIM.average_period,
+        help="steps between updates of the running average of the trainable weights")  # fmt: skip
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run", "Where, how long, how many processes, logging.")
+    add = group.add_argument
+    add("--exp-dir", type=str, default=RUN.exp_dir, help="folder of checkpoints, adapters, logs")
+    add("--world-size", type=int, default=RUN.world_size, help="number of DDP processes")
+    add("--master-port", type=int, default=RUN.master_port, help="DDP master port")
+    add("--use-fp16", type=str2bool, default=RUN.use_fp16, help="fp16 autocast (CUDA only)")
+    add("--num-iters", type=int, default=RUN.num_iters,
+        help="number of optimizer steps; if > 0, --num-epochs is ignored")
+    add("--num-epochs", type=int, default=RUN.num_epochs, help="number of epochs")
+    add("--start-epoch", type=int, default=RUN.start_epoch,
+        help="kept for upstream compatibility; resuming is automatic (see --resume)")
+    add("--valid-interval", type=int, default=RUN.valid_interval,
+        help="validate every this many steps (0: only at the end)")
+    add("--save-every-n", type=int, default=RUN.save_every_n,
+        help="write checkpoint-{step}.pt (and adapter-{step}/) every this many steps")
+    add("--keep-last-k", type=int, default=RUN.keep_last_k, help="checkpoints kept on disk")
+    add("--seed", type=int, default=RUN.seed, help="random seed of the run")
+    add("--resume", type=str, default=RUN.resume,
+        help="auto (continue a matching run in exp-dir), never, or a checkpoint path")
+    add("--tensorboard", type=str2bool, default=RUN.tensorboard,
+        help="log scalars to exp-dir/tensorboard")
+    add("--wandb-project", type=str, default=RUN.wandb_project,
+        help="log to Weights & Biases (offline unless logged in)")
+    add("--log-interval", type=int, default=RUN.log_interval, help="console log every N steps")
+    add("--max-bad-batches", type=int, default=RUN.max_bad_batches,
+        help="stop after this many batches with a non-finite loss")  # fmt: skip
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from zipvoice.dataset.datamodule import TtsDataModule
-
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    TtsDataModule.add_arguments(parser)
-    # Upstream's flags.
-    _add(parser, "--world-size", type=int, default=1, help="number of DDP processes")
-    _add(parser, "--master-port", type=int, default=12356, help="DDP master port")
-    _add(parser, "--use-fp16", type=str2bool, default=True, help="fp16 autocast (CUDA only)")
-    _add(
-        parser,
-        "--finetune",
-        type=str2bool,
-        default=False,
-        help="fine-tuning mode: schedules inside the model start at their final values",
-    )
-    _add(parser, "--checkpoint", type=str, default=None, help="pretrained model.pt to start from")
-    _add(
-        parser,
-        "--base-lr",
-        type=float,
-        default=None,
-        help="base learning rate (default: 1e-3 with AdamW, i.e. for adapters; 0.02 with "
-        "ScaledAdam, i.e. full training as upstream)",
-    )
-    _add(
-        parser,
-        "--num-iters",
-        type=int,
-        default=0,
-        help="number of optimizer steps; if > 0, --num-epochs is ignored",
-    )
-    _add(parser, "--num-epochs", type=int, default=11, help="number of epochs")
-    _add(
-        parser,
-        "--start-epoch",
-        type=int,
-        default=1,
-        help="kept for upstream compatibility; resuming is automatic (see --resume)",
-    )
-    _add(
-        parser,
-        "--valid-interval",
-        type=int,
-        default=5000,
-        help="validate every this many steps (0: only at the end)",
-    )
-    _add(
-        parser,
-        "--save-every-n",
-        type=int,
-        default=5000,
-        help="write checkpoint-{step}.pt (and adapter-{step}/) every this many steps",
-    )
-    _add(parser, "--keep-last-k", type=int, default=30, help="checkpoints kept on disk")
-    _add(
-        parser,
-        "--average-period",
-        type=int,
-        default=200,
-        help="update the running average of the trainable weights every this many steps",
-    )
-    _add(parser, "--lr-batches", type=float, default=7500, help="Eden: batches of lr decay")
-    _add(parser, "--lr-epochs", type=float, default=10, help="Eden: epochs of lr decay")
-    _add(
-        parser,
-        "--lr-hours",
-        type=float,
-        default=0,
-        help="Eden: if > 0, hours of audio of lr decay (replaces --lr-epochs)",
-    )
-    _add(
-        parser,
-        "--ref-duration",
-        type=float,
-        default=50,
-        help="seconds of audio per batch that the model's internal schedules assume",
-    )
-    _add(parser, "--model-config", type=str, default="conf/zipvoice_base.json")
-    _add(
-        parser,
-        "--tokenizer",
-        type=str,
-        default="emilia",
-        choices=TOKENIZER_NAMES,
-    )
-    _add(parser, "--lang", type=str, default="en-us", help="espeak language")
-    _add(parser, "--token-file", type=str, default="data/tokens_emilia.txt")
-    _add(parser, "--dataset", type=str, default="custom", choices=["emilia", "libritts", "custom"])
-    _add(parser, "--train-manifest", type=str, default=None, help="training cuts (fbank)")
-    _add(parser, "--dev-manifest", type=str, default=None, help="validation cuts (fbank)")
-    _add(parser, "--exp-dir", type=str, default="exp/zipvoice")
-    _add(parser, "--seed", type=int, default=42)
-    _add(
-        parser,
-        "--condition-drop-ratio",
-        type=float,
-        default=0.2,
-        help="probability of dropping an utterance's text condition",
-    )
-    _add(parser, "--feat-scale", type=float, default=0.1, help="features are multiplied by it")
-    _add(parser, "--min-len", type=float, default=1.0, help="shortest utterance (s) to train on")
-    _add(parser, "--max-len", type=float, default=30.0, help="longest utterance (s) to train on")
-    _add(parser, "--tensorboard", type=str2bool, default=True)
-    # Adapters.
-    _add(
-        parser,
-        "--use-lora",
-        type=str2bool,
-        default=False,
-        help="train LoRA/DoRA adapters on the decoder; the base decoder stays frozen",
-    )
-    _add(parser, "--lora-rank", type=int, default=32)
-    _add(parser, "--lora-alpha", type=float, default=64)
-    _add(parser, "--use-dora", type=str2bool, default=True, help="DoRA instead of plain LoRA")
-    _add(parser, "--lora-dropout", type=float, default=0.05)
-    _add(
-        parser,
-        "--lora-target-modules",
-        type=str,
-        default="attention",
-        help=f"a preset ({', '.join(PRESETS)}) or comma-separated module suffixes/names",
-    )
-    _add(
-        parser,
-        "--lora-init",
-        type=str,
-        default="default",
-        help=f"adapter initialisation: {', '.join(LORA_INITS)} or pissa_niter_<N>",
-    )
-    _add(
-        parser,
-        "--use-rslora",
-        type=str2bool,
-        default=False,
-        help="rank-stabilised scaling alpha/sqrt(rank)",
-    )
-    _add(
-        parser,
-        "--train-text-encoder",
-        type=str2bool,
-        default=True,
-        help="with LoRA, also train the text encoder (the embedding always trains)",
-    )
-    # Optimisation.
-    _add(
-        parser,
-        "--optimizer",
-        type=str,
-        default="auto",
-        choices=["auto", "adamw", "scaledadam"],
-        help="auto: AdamW for adapters, ScaledAdam + Eden for full training",
-    )
-    _add(
-        parser,
-        "--warmup-steps",
-        type=int,
-        default=-1,
-        help="AdamW linear warm-up steps (-1: 5%% of --num-iters, at most 500)",
-    )
-    _add(
-        parser,
-        "--lr-schedule",
-        type=str,
-        default="cosine",
-        choices=["cosine", "constant"],
-        help="AdamW schedule after warm-up (cosine needs --num-iters)",
-    )
-    _add(parser, "--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    _add(
-        parser,
-        "--grad-clip",
-        type=float,
-        default=1.0,
-        help="AdamW gradient-norm clipping (0: off); ScaledAdam clips on its own",
-    )
-    # Run control and logging.
-    _add(
-        parser,
-        "--resume",
-        type=str,
-        default="auto",
-        help="auto (continue a matching run in exp-dir), never, or a checkpoint path",
-    )
-    _add(
-        parser,
-        "--forgetting-manifest",
-        type=str,
-        default=None,
-        help="cuts of the pretraining domain: logs a second dev loss to watch forgetting",
-    )
-    _add(
-        parser,
-        "--wandb-project",
-        type=str,
-        default=None,
-        help="log to Weights & Biases (offline unless logged in)",
-    )
-    _add(parser, "--log-interval", type=int, default=50, help="console log every N steps")
-    _add(
-        parser,
-        "--max-bad-batches",
-        type=int,
-        default=10,
-        help="stop after this many batches with a non-finite loss",
-    )
-    _add(
-        parser,
-        "--distill",
-        type=str2bool,
-        default=False,
-        help="the checkpoint is ZipVoice-Distill (trained with the flow-matching loss)",
-    )
+    add_data_arguments(parser)
+    _add_model_arguments(parser)
+    _add_adapter_arguments(parser)
+    _add_optim_arguments(parser)
+    _add_run_arguments(parser)
     return parser
 
 
 # Reported through the log, so that the reason a run stopped sits beside its progress lines.
 @exit_on_error(logger=logging.getLogger("zipvoice.train"))
-def main(argv: list[str] | None = None, *, stop_after_step: int | None = None) -> int:
-    from zipvoice.utils.trainer import run_training
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)  # before the heavy imports: --help stays quick
+    from zipvoice.training.config import TrainingConfig
+    from zipvoice.training.trainer import run_training
 
     setup_logging()
-    args = get_parser().parse_args(argv)
-    run_training(args, stop_after_step=stop_after_step)
+    run_training(TrainingConfig.from_flags(args))
     return 0
 
 

@@ -25,15 +25,14 @@ from lhotse.dataset.sampling.base import CutSampler
 from lhotse.utils import fix_random_seed
 from torch.utils.data import DataLoader
 
+from zipvoice.dataset.config import add_data_arguments
 from zipvoice.dataset.dataset import (
     CutDataError,
     SpeechSynthesisDataset,
     cut_tokens,
     on_the_fly_features,
 )
-from zipvoice.utils.cli import str2bool
 
-DATASETS = ("emilia", "libritts", "custom")
 DEV_NUM_WORKERS = 2
 DEV_NUM_BUCKETS = 10
 MIN_BATCHES_PER_BUCKET = 4
@@ -62,87 +61,23 @@ class TtsDataModule:
     """Builds the train and dev DataLoaders from lhotse cut manifests.
 
     Args:
-      args: parsed arguments holding the flags of `add_arguments` (and optionally `seed`).
+      args: the flags of `add_arguments`: parsed arguments, or any object with those
+        attributes (`zipvoice.training.config.DataConfig`).
       tokenizer: used only for cuts whose supervisions carry no stored tokens.
+      seed: of the samplers' shuffles and the workers; default `args.seed`, else 42.
     """
 
-    def __init__(self, args: argparse.Namespace, tokenizer=None) -> None:
+    def __init__(self, args: Any, tokenizer=None, seed: int | None = None) -> None:
         self.args = args
         self.tokenizer = tokenizer
+        self.seed = int(seed if seed is not None else getattr(args, "seed", 42))
         self.train_manifest: str | None = None
         self.dev_manifest: str | None = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group(
-            title="TTS data related options",
-            description="Manifests, batch sizes, sampling and feature extraction.",
-        )
-        group.add_argument(
-            "--manifest-dir",
-            type=Path,
-            default=Path("data/fbank"),
-            help="Directory with the train/dev cut manifests (relative --train-manifest and "
-            "--dev-manifest paths are also looked up here).",
-        )
-        group.add_argument(
-            "--max-duration",
-            type=float,
-            default=200.0,
-            help="Maximum total audio duration (seconds) in one batch; lower it on OOM.",
-        )
-        group.add_argument(
-            "--bucketing-sampler",
-            type=str2bool,
-            default=True,
-            help="Batch utterances of similar duration together (less padding).",
-        )
-        group.add_argument(
-            "--num-buckets",
-            type=int,
-            default=30,
-            help="Buckets of the DynamicBucketingSampler (capped at the number of cuts).",
-        )
-        group.add_argument(
-            "--on-the-fly-feats",
-            type=str2bool,
-            default=False,
-            help="Compute features from audio while loading instead of reading compute_fbank's.",
-        )
-        group.add_argument(
-            "--shuffle", type=str2bool, default=True, help="Shuffle the training cuts each epoch."
-        )
-        group.add_argument(
-            "--drop-last", type=str2bool, default=True, help="Drop the last incomplete batch."
-        )
-        group.add_argument(
-            "--return-cuts",
-            type=str2bool,
-            default=False,
-            help="Put the cuts of each batch in batch['cut'].",
-        )
-        group.add_argument(
-            "--num-workers", type=int, default=8, help="Training data loader worker processes."
-        )
-        group.add_argument(
-            "--dataset",
-            type=str,
-            default="emilia",
-            choices=DATASETS,
-            help="Which manifests to train on; 'custom' uses --train-manifest/--dev-manifest.",
-        )
-        group.add_argument(
-            "--train-manifest", type=str, default=None, help="Training cuts (for --dataset custom)."
-        )
-        group.add_argument(
-            "--dev-manifest", type=str, default=None, help="Validation cuts (for --dataset custom)."
-        )
-        group.add_argument(
-            "--min-len", type=float, default=1.0, help="Drop training cuts shorter than this (s)."
-        )
-        group.add_argument(
-            "--max-len", type=float, default=30.0, help="Drop training cuts longer than this (s)."
-        )
+        """The data flags (upstream's name for it); see zipvoice.dataset.config."""
+        add_data_arguments(parser)
 
     # ------------------------------------------------------------------ manifests
 
@@ -167,7 +102,7 @@ class TtsDataModule:
             )
         return path
 
-    def _check_first_cut(self, cuts: CutSet, manifest: str) -> None:
+    def check_first_cut(self, cuts: CutSet, manifest: str) -> None:
         """Fail at start-up, not at the first batch, when a whole manifest is unusable."""
         first = next(iter(cuts), None)
         if first is None:
@@ -237,7 +172,7 @@ class TtsDataModule:
             zh = self._require(Path(args.manifest_dir) / "emilia_cuts_ZH.jsonl.gz", "emilia")
             self.train_manifest = f"{en} + {zh}"
             cuts = CutSet.mux(
-                load_manifest_lazy(en), load_manifest_lazy(zh), seed=getattr(args, "seed", 42)
+                load_manifest_lazy(en), load_manifest_lazy(zh), seed=self.seed
             )
         else:
             path = self._require(
@@ -245,7 +180,7 @@ class TtsDataModule:
             )
             self.train_manifest = str(path)
             cuts = load_manifest_lazy(path)
-        self._check_first_cut(cuts, self.train_manifest)
+        self.check_first_cut(cuts, self.train_manifest)
         return self.filter_by_duration(cuts, self.train_manifest)
 
     def dev_cuts(self) -> CutSet:
@@ -265,7 +200,7 @@ class TtsDataModule:
             )
             self.dev_manifest = str(path)
             cuts = CutSet.from_file(path)
-        self._check_first_cut(cuts, self.dev_manifest)
+        self.check_first_cut(cuts, self.dev_manifest)
         return cuts
 
     # ------------------------------------------------------------------ loaders
@@ -354,7 +289,7 @@ class TtsDataModule:
     ) -> DataLoader:
         """Shuffled, duration-bucketed batches of at most --max-duration seconds of audio."""
         args = self.args
-        seed = int(getattr(args, "seed", 42))
+        seed = self.seed
         wanted = args.num_buckets if args.bucketing_sampler else 1
         buckets, drop_last = self._sampler_plan(cuts_train, wanted, args.drop_last)
         sampler = self._sampler(cuts_train, args.shuffle, drop_last, buckets, seed)
@@ -365,7 +300,7 @@ class TtsDataModule:
 
     def dev_dataloaders(self, cuts_valid: CutSet) -> DataLoader:
         """Unshuffled batches; every cut is used (no drop_last)."""
-        seed = int(getattr(self.args, "seed", 42))
+        seed = self.seed
         buckets, _ = self._sampler_plan(cuts_valid, DEV_NUM_BUCKETS, drop_last=False)
         sampler = self._sampler(cuts_valid, False, False, buckets, seed)
         workers = min(DEV_NUM_WORKERS, self.args.num_workers)

@@ -11,9 +11,6 @@ import sys
 from collections.abc import Callable
 from typing import ParamSpec
 
-import numpy as np
-import torch
-
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
 TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
@@ -47,6 +44,9 @@ def setup_logging(level: int | str = logging.INFO) -> None:
 def fix_random_seed(seed: int) -> None:
     """Seed every generator training and inference draw from, so a run is reproducible."""
     random.seed(seed)
+    import numpy as np  # here, so that importing this module (for --help) stays light
+    import torch
+
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 

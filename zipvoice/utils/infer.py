@@ -414,7 +414,7 @@ def load_model_for_inference(
     given.
     """
     from zipvoice.models.loader import load_pretrained
-    from zipvoice.utils.adapter_io import (
+    from zipvoice.models.modules.adapter_folder import (
         TOKENS_FILE,
         fingerprint_state_dict,
         load_adapter,

@@ -20,34 +20,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-# Projections of the attention blocks in every decoder layer: where the accent (timing and pitch
-# movements across frames) is learned, and where upstream has plain nn.Linear layers.
-ATTENTION_SUFFIXES: tuple[str, ...] = (
-    "self_attn_weights.in_proj",
-    "self_attn1.in_proj",
-    "self_attn1.out_proj",
-    "self_attn2.in_proj",
-    "self_attn2.out_proj",
+from zipvoice.models.modules.lora_config import (
+    ATTENTION_SUFFIXES,
+    FF_CONV_SUFFIXES,
+    PRESETS,
+    LoraSettings,
+    init_mutates_base,
 )
-# The feed-forward and convolution blocks' input projections. Their output projections apply an
-# activation first and are not nn.Linear modules, so PEFT cannot wrap them.
-FF_CONV_SUFFIXES: tuple[str, ...] = (
-    "feed_forward1.in_proj",
-    "feed_forward2.in_proj",
-    "feed_forward3.in_proj",
-    "conv_module1.in_proj",
-    "conv_module2.in_proj",
-)
-PRESETS: dict[str, tuple[str, ...] | None] = {
-    "attention": ATTENTION_SUFFIXES,
-    "attention_ff_conv": ATTENTION_SUFFIXES + FF_CONV_SUFFIXES,
-    "all_linear": None,  # every nn.Linear in the decoder
-}
-# PEFT initialisations this project accepts. Those in BASE_MUTATING_INITS rewrite the frozen base
-# weights (the adapter starts from the weights' principal components), which adapter_io undoes
-# when saving so that adapters always apply to the original checkpoint.
-LORA_INITS: tuple[str, ...] = ("default", "gaussian", "pissa", "olora", "orthogonal")
-BASE_MUTATING_INITS: tuple[str, ...] = ("pissa", "olora")
+
 FM_DECODER_PREFIX = "fm_decoder."
 
 
@@ -145,24 +125,14 @@ def create_lora_config(
     `target_modules` are exact decoder-relative names (as get_lora_target_modules returns);
     None means the "attention" preset.
     """
-    if rank <= 0:
-        raise ValueError(f"LoRA rank must be positive, got {rank}")
-    if alpha <= 0:
-        raise ValueError(f"LoRA alpha must be positive, got {alpha}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    is_pissa_variant = (
-        init.startswith("pissa_niter_") and init.removeprefix("pissa_niter_").isdigit()
-    )
-    if init not in LORA_INITS and not is_pissa_variant:
-        raise ValueError(
-            f"unknown LoRA init {init!r}; choose one of {', '.join(LORA_INITS)} or pissa_niter_<N>"
-        )
-    if init in ("pissa", "olora") or is_pissa_variant:
-        if use_dora:
-            # PEFT cannot convert a PiSSA/OLoRA adapter back onto the original base with DoRA's
-            # magnitude vector, so it would only apply to a base this run rewrote.
-            raise ValueError(f"LoRA init {init!r} cannot be combined with DoRA (--use-dora 0)")
+    LoraSettings(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        use_dora=use_dora,
+        init=init,
+        use_rslora=use_rslora,
+    ).validate()
     # PEFT matches a list entry against every module whose name ends with it, so the top-level
     # "in_proj" would also catch every layer's in_proj. A full-match regex over the exact names
     # selects precisely the modules asked for.
@@ -183,10 +153,23 @@ def create_lora_config(
     )
 
 
+def peft_config_from_settings(settings: LoraSettings, target_modules: list[str]) -> LoraConfig:
+    """The PEFT LoraConfig for validated settings and resolved (exact) target names."""
+    return create_lora_config(
+        rank=settings.rank,
+        alpha=settings.alpha,
+        dropout=settings.dropout,
+        use_dora=settings.use_dora,
+        target_modules=target_modules,
+        init=settings.init,
+        use_rslora=settings.use_rslora,
+    )
+
+
 def mutates_base_weights(config: LoraConfig) -> bool:
     """Whether PEFT rewrites the base weights when attaching this config (PiSSA, OLoRA)."""
     init = config.init_lora_weights
-    return isinstance(init, str) and init.startswith(BASE_MUTATING_INITS)
+    return isinstance(init, str) and init_mutates_base(init)
 
 
 def apply_lora_to_model(model: nn.Module, config: LoraConfig) -> nn.Module:

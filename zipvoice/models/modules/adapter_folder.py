@@ -11,7 +11,12 @@ fine-tuned model, and nothing of the base itself:
   tokenizer settings, so that an adapter is never silently applied to another base.
 
 Adapters trained with a base-rewriting initialisation (PiSSA, OLoRA) are converted by PEFT on
-save into ordinary LoRA adapters of twice the rank that apply to the original base.
+save into ordinary LoRA adapters of twice the rank that apply to the original base. The rank in
+zipvoice_adapter.json is read back from the adapter_config.json PEFT wrote, so the two files
+always agree (2r for those adapters; `init` still says how it was trained).
+
+The settings' typed home is `zipvoice.models.modules.lora_config.LoraSettings`; PEFT wrapping
+lives in `zipvoice.models.modules.lora_utils`; this module only reads and writes folders.
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ def save_adapter(
             atomic_write_json(tmp_dir / MODEL_CONFIG_FILE, model_config)
         else:
             shutil.copyfile(model_config, tmp_dir / MODEL_CONFIG_FILE)
+        saved_rank = json.loads((tmp_dir / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))["r"]
         meta: dict[str, Any] = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -136,7 +142,7 @@ def save_adapter(
             "vocab_size": int(model.embed.weight.shape[0]),
             "text_encoder_included": bool(include_text_encoder),
             "lora": {
-                "rank": int(lora_config.r),
+                "rank": int(saved_rank),
                 "alpha": float(lora_config.lora_alpha),
                 "use_dora": bool(lora_config.use_dora),
                 "use_rslora": bool(lora_config.use_rslora),

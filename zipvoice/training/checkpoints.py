@@ -1,0 +1,275 @@
+"""Checkpoints, resuming and the identity of a run (see `zipvoice.training.trainer`).
+
+A run's identity (`RUN_IDENTITY_KEYS`) is what it computes; `choose_resume_checkpoint` applies
+the `--resume` policy with it: `auto` continues a matching run, `never` refuses an exp-dir that
+holds one, a path continues that checkpoint deliberately.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from zipvoice.training.config import TrainingConfig, TrainingError
+from zipvoice.utils.fileio import atomic_copy, atomic_write_json
+
+logger = logging.getLogger("zipvoice.train")
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
+RUN_CONFIG_FILE = "run_config.json"
+# Settings that define what a run computes; a resume with any of them changed would silently
+# mix two different trainings.
+RUN_IDENTITY_KEYS = (
+    "model_config_content",
+    "base_fingerprint",
+    "token_file_sha256",
+    "tokenizer",
+    "lang",
+    "distill",
+    "finetune",
+    "use_lora",
+    "lora_rank",
+    "lora_alpha",
+    "use_dora",
+    "lora_dropout",
+    "lora_targets",
+    "lora_init",
+    "use_rslora",
+    "train_text_encoder",
+    "optimizer_kind",
+    "base_lr",
+    "seed",
+    "feat_scale",
+    "condition_drop_ratio",
+    "train_manifest",
+)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def get_rng_state() -> dict[str, Any]:
+    """All RNG states in types that `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in exp_dir.glob("checkpoint-*.pt"):
+        match = CHECKPOINT_PATTERN.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise TrainingError(f"checkpoint {path} cannot be read: {err}") from err
+    if not isinstance(checkpoint, dict) or "step" not in checkpoint or "model" not in checkpoint:
+        raise TrainingError(f"{path} is not a training checkpoint of this trainer")
+    return checkpoint
+
+
+def remove_unfinished_saves(exp_dir: Path) -> None:
+    """Delete the temporary files and folders of saves that a kill interrupted (atomic writes
+    name them `.tmp-*` beside their target); the finished files never depend on them."""
+    leftovers = sorted(exp_dir.glob(".tmp-*"))
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if leftovers:
+        logger.warning(
+            "removed %d unfinished save(s) left by an interrupted run: %s",
+            len(leftovers),
+            ", ".join(p.name for p in leftovers),
+        )
+
+
+def prune_checkpoints(exp_dir: Path, keep_last_k: int) -> None:
+    if keep_last_k <= 0:
+        return
+    for _, path in list_checkpoints(exp_dir)[:-keep_last_k]:
+        path.unlink(missing_ok=True)
+
+
+def run_identity(
+    config: TrainingConfig, base_fingerprint: str, lora_targets: list[str], model_config: Mapping
+) -> dict:
+    """The settings that define what this run computes (RUN_IDENTITY_KEYS)."""
+    lora, use_lora = config.adapter.lora, config.adapter.use_lora
+    manifest = config.data.train_manifest
+    return {
+        "model_config_content": model_config,
+        "base_fingerprint": base_fingerprint,
+        "token_file_sha256": sha256_file(config.model.token_file),
+        "tokenizer": config.model.tokenizer,
+        "lang": config.model.lang,
+        "distill": bool(config.model.distill),
+        "finetune": bool(config.model.finetune),
+        "use_lora": bool(use_lora),
+        "lora_rank": lora.rank if use_lora else None,
+        "lora_alpha": lora.alpha if use_lora else None,
+        "use_dora": bool(lora.use_dora) if use_lora else None,
+        "lora_dropout": lora.dropout if use_lora else None,
+        "lora_targets": lora_targets,
+        "lora_init": lora.init if use_lora else None,
+        "use_rslora": bool(lora.use_rslora) if use_lora else None,
+        "train_text_encoder": bool(config.model.train_text_encoder),
+        "optimizer_kind": config.optimizer_kind,
+        "base_lr": config.base_lr,
+        "seed": config.run.seed,
+        "feat_scale": config.model.feat_scale,
+        "condition_drop_ratio": config.model.condition_drop_ratio,
+        "train_manifest": str(Path(manifest).resolve()) if manifest else None,
+    }
+
+
+def identity_differences(old: Mapping, new: Mapping) -> list[str]:
+    diffs = []
+    for key in RUN_IDENTITY_KEYS:
+        if old.get(key) != new.get(key):
+            if key in ("model_config_content", "lora_targets"):
+                diffs.append(f"{key} differs")
+            else:
+                diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return diffs
+
+
+def choose_resume_checkpoint(resume: str, exp_dir: Path, identity: Mapping) -> Path | None:
+    """Apply the --resume policy (see module docstring); None means start fresh."""
+    config_path = exp_dir / RUN_CONFIG_FILE
+    old = None
+    if config_path.is_file():
+        try:
+            old = json.loads(config_path.read_text(encoding="utf-8")).get("identity")
+        except json.JSONDecodeError as err:
+            raise TrainingError(f"{config_path} is not valid JSON: {err}") from err
+    checkpoints = list_checkpoints(exp_dir)
+    adapters = sorted(p.name for p in exp_dir.glob("adapter*") if p.is_dir())
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume checkpoint {path} not found")
+        return path
+    if resume == "never":
+        if checkpoints or adapters:
+            raise TrainingError(
+                f"{exp_dir} already holds a run ({len(checkpoints)} checkpoints, "
+                f"{', '.join(adapters) or 'no adapters'}); --resume never would overwrite it: "
+                "use a new --exp-dir or remove the old one"
+            )
+        return None
+    if old is not None and old != dict(identity):
+        diffs = identity_differences(old, identity)
+        if diffs and (checkpoints or adapters):
+            raise TrainingError(
+                f"{exp_dir} holds a different run ({'; '.join(diffs)}). Use a new --exp-dir, "
+                "or pass --resume <checkpoint> to continue that checkpoint with these settings"
+            )
+    if not checkpoints:
+        return None
+    # Checkpoints are written atomically, so any present file is complete; still fall back to
+    # an older one if the newest cannot be read.
+    for _, path in reversed(checkpoints):
+        try:
+            load_training_checkpoint(path)
+            return path
+        except TrainingError as err:
+            logger.warning("skipping unreadable checkpoint: %s", err)
+    raise TrainingError(f"no readable checkpoint in {exp_dir}")
+
+
+def sampler_state_after(sampler: Any, consumed: int) -> dict[str, Any]:
+    """The sampler's state as if exactly `consumed` batches of this epoch had been drawn.
+
+    DataLoader workers prefetch, so the sampler itself is a few batches ahead of training;
+    lhotse restores a position by replaying the epoch's recorded batch count, so that count is
+    set to what training actually consumed.
+    """
+    state = copy.deepcopy(sampler.state_dict())
+    epoch = state.get("epoch")
+    stats = state.get("diagnostics", {}).get("stats_per_epoch", {}).get(epoch)
+    if stats is not None:
+        stats["kept_batches"] = consumed
+        stats["discarded_batches"] = 0
+    return state
+
+
+@torch.no_grad()
+def update_average(avg: dict[str, Tensor], model: nn.Module, step: int, period: int) -> None:
+    """avg = cur * period/step + avg * (step-period)/step, for trainable weights only."""
+    weight_cur = period / step
+    weight_avg = 1.0 - weight_cur
+    for name, param in model.named_parameters():
+        if name in avg:
+            avg[name].mul_(weight_avg).add_(
+                param.detach().to("cpu", torch.float64), alpha=weight_cur
+            )
+
+
+def save_full_model(
+    model: nn.Module, out_dir: Path, token_file: str, model_config: Mapping
+) -> None:
+    """A released-format folder (model.pt, model.json, tokens.txt) from full fine-tuning."""
+    from zipvoice.utils.checkpoint import save_checkpoint
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint({"model": state}, out_dir / "model.pt")
+    atomic_write_json(out_dir / "model.json", dict(model_config))
+    atomic_copy(token_file, out_dir / "tokens.txt")

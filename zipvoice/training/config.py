@@ -1,0 +1,234 @@
+"""The typed configuration of a training run, grouped as data / model / adapter / optim / run.
+
+`zipvoice.bin.train_zipvoice` fills it from flags (`TrainingConfig.from_flags`); a recipe, test
+or notebook builds it directly:
+
+    config = TrainingConfig(
+        data=DataConfig(dataset="custom", train_manifest="train.jsonl.gz", ...),
+        model=ModelConfig(checkpoint="model.pt", model_config="model.json", ...),
+        adapter=AdapterConfig(use_lora=True, lora=LoraSettings(rank=16)),
+        run=RunConfig(exp_dir="exp/ja", num_iters=1000),
+    )
+    Trainer(config).fit()
+
+Every field is named after its flag (`--max-duration` -> `data.max_duration`); adapter knobs
+are `LoraSettings` fields (`--lora-rank` -> `adapter.lora.rank`). The config is never changed
+in place: values that depend on others (the optimiser in use, its base lr, warm-up steps) are
+properties, and `replace(**flags)` returns a modified copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zipvoice.dataset.config import DataConfig
+from zipvoice.models.modules.lora_config import LoraSettings
+
+# The released ZipVoice configuration, shipped with the recipe (resolved from this file, so the
+# default works from any working directory of a source checkout).
+DEFAULT_MODEL_CONFIG = str(
+    Path(__file__).resolve().parents[2] / "egs" / "zipvoice" / "conf" / "zipvoice_base.json"
+)
+# AdamW moves zero-initialised adapters at 1e-3; ScaledAdam's updates are relative to each
+# parameter's RMS, so upstream's 0.02 is its scale.
+DEFAULT_BASE_LR = {"adamw": 1e-3, "scaledadam": 0.02}
+OPTIMIZERS = ("auto", "adamw", "scaledadam")
+LR_SCHEDULES = ("cosine", "constant")
+# Flag destinations of the adapter knobs -> LoraSettings fields.
+LORA_FLAGS = {
+    "lora_rank": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "use_dora": "use_dora",
+    "lora_target_modules": "target_modules",
+    "lora_init": "init",
+    "use_rslora": "use_rslora",
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to build, from which weights and tokens, and how it computes the loss."""
+
+    model_config: str = DEFAULT_MODEL_CONFIG
+    checkpoint: str | None = None
+    tokenizer: str = "emilia"
+    lang: str = "en-us"
+    token_file: str = "data/tokens_emilia.txt"
+    distill: bool = False
+    finetune: bool = False
+    train_text_encoder: bool = True
+    feat_scale: float = 0.1
+    condition_drop_ratio: float = 0.2
+    ref_duration: float = 50.0
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """LoRA/DoRA on the decoder (`use_lora`), with its settings."""
+
+    use_lora: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule; `optimizer="auto"` picks AdamW for adapters, else ScaledAdam."""
+
+    optimizer: str = "auto"
+    base_lr: float | None = None
+    warmup_steps: int = -1
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lr_batches: float = 7500.0
+    lr_epochs: float = 10.0
+    lr_hours: float = 0.0
+    average_period: int = 200
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where, how long, on how many processes, and how verbosely."""
+
+    exp_dir: str = "exp/zipvoice"
+    world_size: int = 1
+    master_port: int = 12356
+    use_fp16: bool = True
+    num_iters: int = 0
+    num_epochs: int = 11
+    start_epoch: int = 1
+    valid_interval: int = 5000
+    save_every_n: int = 5000
+    keep_last_k: int = 30
+    seed: int = 42
+    resume: str = "auto"
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    log_interval: int = 50
+    max_bad_batches: int = 10
+
+
+GROUPS = ("data", "model", "adapter", "optim", "run")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def optimizer_kind(self) -> str:
+        if self.optim.optimizer != "auto":
+            return self.optim.optimizer
+        return "adamw" if self.adapter.use_lora else "scaledadam"
+
+    @property
+    def base_lr(self) -> float:
+        """--base-lr when given, else the sane value for the optimiser in use."""
+        if self.optim.base_lr is not None:
+            return self.optim.base_lr
+        return DEFAULT_BASE_LR[self.optimizer_kind]
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.optim.warmup_steps >= 0:
+            return self.optim.warmup_steps
+        if self.run.num_iters > 0:
+            return min(500, self.run.num_iters // 20)
+        return 500
+
+    # ------------------------------------------------------------------ flags <-> config
+
+    @classmethod
+    def from_flags(cls, flags: Any) -> TrainingConfig:
+        """From parsed flags (an argparse Namespace or a mapping of flag destinations)."""
+        values = dict(vars(flags) if not isinstance(flags, dict) else flags)
+        return cls().replace(**values)
+
+    def replace(self, **flags: Any) -> TrainingConfig:
+        """A copy with fields changed, named by their flag destinations (`num_iters=6`,
+        `lora_rank=16`); an unknown name raises TypeError."""
+        groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+        lora: dict[str, Any] = {}
+        for key, value in flags.items():
+            if key in LORA_FLAGS:
+                lora[LORA_FLAGS[key]] = value
+                continue
+            group = _group_of(key)
+            if group is None:
+                raise TypeError(f"unknown training setting {key!r}")
+            groups[group][key] = value
+        if lora:
+            groups["adapter"]["lora"] = dataclasses.replace(self.adapter.lora, **lora)
+        return dataclasses.replace(
+            self,
+            **{
+                name: dataclasses.replace(getattr(self, name), **changes)
+                for name, changes in groups.items()
+                if changes
+            },
+        )
+
+    def flags(self) -> dict[str, Any]:
+        """Every setting by its flag destination: what run_config.json records as "args"."""
+        out: dict[str, Any] = {}
+        for name in GROUPS:
+            for item in dataclasses.fields(getattr(self, name)):
+                value = getattr(getattr(self, name), item.name)
+                if item.name == "lora":
+                    for flag, attr in LORA_FLAGS.items():
+                        out[flag] = getattr(value, attr)
+                    continue
+                out[item.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> TrainingConfig:
+        """Check values and input files once, before any checkpoint or data is read."""
+        if self.base_lr <= 0:
+            raise ValueError(f"--base-lr must be positive, got {self.base_lr}")
+        if self.run.world_size < 1:
+            raise ValueError(f"--world-size must be at least 1, got {self.run.world_size}")
+        if self.run.num_iters <= 0 and self.run.num_epochs <= 0:
+            raise ValueError("give a positive --num-iters or --num-epochs")
+        if self.run.max_bad_batches < 0:
+            raise ValueError("--max-bad-batches must not be negative")
+        if self.adapter.use_lora:
+            self.adapter.lora.validate()
+        for name in ("model_config", "token_file", "checkpoint"):
+            value = getattr(self.model, name)
+            if name == "checkpoint" and not value:
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            if value and Path(value).is_dir():
+                raise FileNotFoundError(f"{flag} {value} is a directory, expected a file")
+            if not value or not Path(value).is_file():
+                raise FileNotFoundError(f"{flag} {value} not found")
+        # Train/dev manifests may be relative to --manifest-dir: the data module checks them.
+        forgetting = self.data.forgetting_manifest
+        if forgetting and not Path(forgetting).is_file():
+            raise FileNotFoundError(f"--forgetting-manifest {forgetting} not found")
+        return self
+
+
+def _group_of(key: str) -> str | None:
+    for name, group_cls in zip(
+        GROUPS, (DataConfig, ModelConfig, AdapterConfig, OptimConfig, RunConfig), strict=True
+    ):
+        if key in {f.name for f in dataclasses.fields(group_cls)} and key != "lora":
+            return name
+    return None

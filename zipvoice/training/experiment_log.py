@@ -1,0 +1,102 @@
+"""What a run reports: the console and log file, tensorboard and wandb scalars."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from zipvoice.training.distributed import is_main
+from zipvoice.utils.cli import LOG_FORMAT, setup_logging
+
+logger = logging.getLogger("zipvoice.train")
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text(encoding="utf-8", errors="ignore")
+    except OSError:
+        return False
+
+
+class ExperimentLog:
+    """Scalars to tensorboard and wandb (rank 0 only); wandb runs offline unless logged in."""
+
+    def __init__(
+        self,
+        exp_dir: Path,
+        rank: int,
+        run_id: str,
+        *,
+        tensorboard: bool,
+        wandb_project: str | None,
+        settings: Mapping[str, Any],
+    ) -> None:
+        self.tb = None
+        self.wandb_run = None
+        if not is_main(rank):
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(exp_dir / "tensorboard"))
+        if wandb_project:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            if "WANDB_MODE" not in os.environ and not wandb_logged_in():
+                os.environ["WANDB_MODE"] = "offline"
+                logger.info("wandb: not logged in, logging offline to %s/wandb", exp_dir)
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=wandb_project,
+                dir=str(exp_dir),
+                id=run_id,
+                name=exp_dir.name,
+                resume="allow",
+                config={k: v for k, v in settings.items() if is_plain(v)},
+            )
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(values), step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def is_plain(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None), list, tuple))
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def setup_run_logging(exp_dir: Path, rank: int) -> logging.Handler | None:
+    setup_logging()
+    root = logging.getLogger()
+    root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
+    # Other DDP ranks only report problems: the console shows one copy of the progress.
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log_dir = exp_dir / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    handler = logging.FileHandler(log_dir / f"log-train-{stamp}-rank{rank}.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    return handler

@@ -1,0 +1,591 @@
+"""The training loop: full fine-tuning, or LoRA/DoRA adapters on the decoder.
+
+    Trainer(config, trainable=None, callbacks=[...]).fit()
+
+`config` is a `TrainingConfig` (zipvoice.training.config); `trainable(name)` narrows which
+parameters train (see zipvoice.training.model_setup); callbacks observe or stop the run
+(zipvoice.training.callbacks). `fit()` runs one process, or spawns `run.world_size` DDP
+processes (then the Trainer, its predicate and callbacks must be picklable).
+
+The named steps, in order: `setup` (model, resume, optimiser, data, outputs), then per batch
+`train_step`, every `valid_interval` steps `validate`, every `save_every_n` steps `save`, and at
+the end a last `validate` and `save(final=True)`.
+
+Files in `run.exp_dir`:
+- `run_config.json`: the settings that define this run (see `RUN_IDENTITY_KEYS`) and all flags;
+- `checkpoint-{step}.pt`: trainable weights only, optimizer, scheduler, grad scaler, sampler
+  and RNG states, and the step; written atomically, the newest `keep_last_k` kept;
+- `adapter-{step}/` and the final `adapter/` (LoRA runs, see
+  `zipvoice.models.modules.adapter_folder`), or `finetuned/` (`model.pt`, `model.json`,
+  `tokens.txt`) for full fine-tuning;
+- `log/`, `tensorboard/`, `wandb/`.
+
+Resuming (`run.resume`): `auto` (default) continues from the newest checkpoint in exp-dir when
+its run_config.json describes the same run, and refuses a different run there with the list of
+differences (settings that only say how long or how verbosely to train may change); `never`
+starts from scratch and refuses an exp-dir that holds a run; a checkpoint path continues from
+it deliberately, even if the settings changed (shapes must still fit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zipvoice.training import checkpoints as ckpt
+from zipvoice.training.callbacks import Callback
+from zipvoice.training.config import TrainingConfig, TrainingError
+from zipvoice.training.distributed import (
+    all_ranks_agree,
+    broadcast_object,
+    gather_objects,
+    is_main,
+    setup_distributed,
+    teardown_distributed,
+    unwrap_ddp,
+)
+from zipvoice.training.experiment_log import ExperimentLog, format_eta, setup_run_logging
+from zipvoice.training.model_setup import (
+    ModelSetup,
+    TrainablePredicate,
+    load_module_training_state,
+    load_trainable_state,
+    module_training_state,
+    setup_model,
+    trainable_state_dict,
+)
+from zipvoice.training.steps import (
+    adjusted_batch_count,
+    backward_and_step,
+    compute_validation_loss,
+    flow_matching_loss,
+    prepare_batch,
+    set_batch_count,
+)
+from zipvoice.utils.cli import fix_random_seed
+
+logger = logging.getLogger("zipvoice.train")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 1
+    batches_in_epoch: int = 0  # consumed from the sampler this epoch, skipped ones included
+    bad_batches: int = 0
+    best_valid_loss: float = float("inf")
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainState:
+        return cls(
+            step=int(checkpoint["step"]),
+            epoch=int(checkpoint.get("epoch", 1)),
+            batches_in_epoch=int(checkpoint.get("batches_in_epoch", 0)),
+            bad_batches=int(checkpoint.get("bad_batches", 0)),
+            best_valid_loss=float(checkpoint.get("best_valid_loss", float("inf"))),
+        )
+
+
+def run_training(
+    config: TrainingConfig,
+    *,
+    trainable: TrainablePredicate | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> nn.Module | None:
+    """`Trainer(config, ...).fit()`: the trained model (adapters unmerged), None for DDP."""
+    return Trainer(config, trainable=trainable, callbacks=callbacks).fit()
+
+
+def _fit_rank(rank: int, world_size: int, trainer: Trainer) -> nn.Module:
+    return trainer.fit_rank(rank, world_size)
+
+
+class Trainer:
+    """One training run (module docstring); public attributes are set by `setup`."""
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        *,
+        trainable: TrainablePredicate | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.config = config.validate()
+        self.trainable = trainable
+        self.callbacks = list(callbacks)
+        self.exp_dir = Path(config.run.exp_dir)
+        self.state = TrainState()
+        self.last_loss = float("nan")
+        self.experiment: ExperimentLog | None = None
+
+    # ------------------------------------------------------------------ running
+
+    def fit(self) -> nn.Module | None:
+        """Train on one process, or spawn `world_size` DDP processes (returns None then)."""
+        world_size = self.config.run.world_size
+        if world_size > 1:
+            import torch.multiprocessing as mp
+
+            mp.spawn(_fit_rank, args=(world_size, self), nprocs=world_size, join=True)
+            return None
+        return self.fit_rank(0, 1)
+
+    def fit_rank(self, rank: int, world_size: int) -> nn.Module:
+        """The whole run on this rank: set up, loop, final validation and save."""
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        handler = setup_run_logging(self.exp_dir, rank)
+        device = setup_distributed(rank, world_size, self.config.run.master_port)
+        try:
+            self.setup(rank, world_size, device)
+            if self._loop():
+                run = self.config.run
+                if run.valid_interval <= 0 or self.state.step % run.valid_interval != 0:
+                    self.validate()
+                self.save(final=True)
+                logger.info("training finished at step %d", self.state.step)
+            return unwrap_ddp(self.model)
+        finally:
+            if self.experiment is not None:
+                self.experiment.close()
+            teardown_distributed(world_size)
+            if handler is not None:
+                logger.removeHandler(handler)
+                handler.close()
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, rank: int, world_size: int, device: torch.device) -> None:
+        """Model, resume point, optimiser, data and output files for this rank."""
+        self.rank, self.world_size, self.device = rank, world_size, device
+        fix_random_seed(self.config.run.seed)
+        checkpoint = self._setup_model()
+        self._setup_optimizer(checkpoint)
+        self._setup_data(checkpoint)
+        self._setup_outputs()
+        rng_states = checkpoint.get("rng") or [] if checkpoint is not None else None
+        self._rng_to_restore = None
+        seed = self.config.run.seed
+        if rng_states is None:
+            fix_random_seed(seed + 1000 * rank)
+        elif len(rng_states) == world_size:
+            self._rng_to_restore = rng_states[rank]
+        else:
+            fix_random_seed(seed + 1000 * rank + self.state.step)
+
+    def _setup_model(self) -> dict[str, Any] | None:
+        """Build the model and restore it from the resume checkpoint; return that checkpoint."""
+        from zipvoice.models.loader import load_model_config
+        from zipvoice.tokenizer.tokenizer import get_tokenizer
+
+        config = self.config
+        self.model_config = load_model_config(config.model.model_config)
+        self.tokenizer = get_tokenizer(
+            config.model.tokenizer, config.model.token_file, config.model.lang
+        )
+        self.setup_result: ModelSetup = setup_model(
+            config,
+            self.tokenizer.vocab_size,
+            self.tokenizer.pad_id,
+            self.model_config,
+            trainable=self.trainable,
+        )
+        self.model: nn.Module = self.setup_result.model
+        self._log_model()
+        self.identity = ckpt.run_identity(
+            config, self.setup_result.base_fingerprint, self.setup_result.lora_targets,
+            self.model_config,
+        )  # fmt: skip
+        resume_path = None
+        if is_main(self.rank):
+            resume_path = ckpt.choose_resume_checkpoint(
+                config.run.resume, self.exp_dir, self.identity
+            )
+            ckpt.remove_unfinished_saves(self.exp_dir)
+        resume_path = broadcast_object(resume_path, self.world_size)
+        checkpoint = ckpt.load_training_checkpoint(resume_path) if resume_path else None
+        self._save_initial_adapter(checkpoint is None)
+        if checkpoint is not None:
+            load_trainable_state(self.model, checkpoint["model"], str(resume_path))
+            load_module_training_state(self.model, checkpoint.get("module_state") or {})
+            self.state = TrainState.from_checkpoint(checkpoint)
+            logger.info("resuming from %s at step %d", resume_path, self.state.step)
+        self._setup_average(checkpoint)
+        return checkpoint
+
+    def _log_model(self) -> None:
+        trainable, total = _count_parameters(self.model)
+        self.param_counts = (trainable, total)
+        setup = self.setup_result
+        logger.info(
+            "model: %s parameters, %s trainable (%.2f%%)%s",
+            f"{total:,}",
+            f"{trainable:,}",
+            100.0 * trainable / total,
+            f"; LoRA on {len(setup.lora_targets)} decoder projections"
+            if self.config.adapter.use_lora
+            else "",
+        )
+        if setup.base_vocab_size and setup.vocab_size != setup.base_vocab_size:
+            logger.info(
+                "vocabulary extended from %d to %d tokens", setup.base_vocab_size, setup.vocab_size
+            )
+
+    def _save_initial_adapter(self, fresh: bool) -> None:
+        """PiSSA/OLoRA: PEFT's snapshot before training, needed to save adapters that apply to
+        the original base (see adapter_folder)."""
+        from zipvoice.models.modules.adapter_folder import INITIAL_ADAPTER_DIR
+        from zipvoice.models.modules.lora_utils import get_peft_decoder
+        from zipvoice.utils.fileio import atomic_replace_dir
+
+        self.initial_adapter_dir = None
+        if not (self.config.adapter.use_lora and self.config.adapter.lora.mutates_base_weights):
+            return
+        self.initial_adapter_dir = self.exp_dir / INITIAL_ADAPTER_DIR
+        if is_main(self.rank) and fresh:
+            decoder = get_peft_decoder(self.model)
+            atomic_replace_dir(
+                self.initial_adapter_dir, lambda tmp: decoder.save_pretrained(str(tmp))
+            )
+
+    def _setup_average(self, checkpoint: dict[str, Any] | None) -> None:
+        """Rank 0 keeps a float64 running average of the trainable weights."""
+        self.model_avg: dict[str, Tensor] | None = None
+        if not is_main(self.rank):
+            return
+        if checkpoint is not None and checkpoint.get("model_avg") is not None:
+            self.model_avg = {k: v.clone() for k, v in checkpoint["model_avg"].items()}
+        else:
+            self.model_avg = {
+                n: p.detach().to("cpu", torch.float64).clone()
+                for n, p in self.model.named_parameters()
+                if p.requires_grad
+            }
+
+    def _setup_optimizer(self, checkpoint: dict[str, Any] | None) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from zipvoice.training.optimizer import build_optimizer
+
+        config, device = self.config, self.device
+        self.use_amp = bool(config.run.use_fp16) and device.type == "cuda"
+        if config.run.use_fp16 and not self.use_amp:
+            logger.info("--use-fp16 1 ignored: fp16 autocast needs CUDA; training in float32")
+        self.model.to(device)
+        if self.world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=ids, find_unused_parameters=True)
+        self.optimizer, self.scheduler, self.optimizer_kind = build_optimizer(self.model, config)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if checkpoint is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            if checkpoint.get("grad_scaler"):
+                self.scaler.load_state_dict(checkpoint["grad_scaler"])
+        fp16 = ", fp16" if self.use_amp else ""
+        logger.info("optimizer %s, base lr %g%s", self.optimizer_kind, config.base_lr, fp16)
+        if self.optimizer_kind == "adamw":
+            logger.info(
+                "AdamW schedule: %d warm-up steps, then %s (--lr-hours/--lr-batches/--lr-epochs "
+                "apply to ScaledAdam + Eden only)",
+                config.warmup_steps,
+                "cosine decay" if getattr(self.scheduler, "total_steps", 0) else "constant",
+            )
+        self.trainable_params = [p for p in unwrap_ddp(self.model).parameters() if p.requires_grad]
+
+    def _setup_data(self, checkpoint: dict[str, Any] | None) -> None:
+        from zipvoice.dataset.datamodule import TtsDataModule
+
+        data = self.config.data
+        datamodule = TtsDataModule(data, tokenizer=self.tokenizer, seed=self.config.run.seed)
+        train_cuts, dev_cuts = datamodule.train_cuts(), datamodule.dev_cuts()
+        self.sampler_state = checkpoint.get("sampler") if checkpoint is not None else None
+        self.train_dl = datamodule.train_dataloaders(
+            train_cuts, sampler_state_dict=self.sampler_state
+        )
+        self.dev_dl = datamodule.dev_dataloaders(dev_cuts)
+        self.forgetting_dl = None
+        if data.forgetting_manifest:
+            from lhotse import CutSet
+
+            cuts = CutSet.from_file(data.forgetting_manifest)
+            datamodule.check_first_cut(cuts, data.forgetting_manifest)
+            self.forgetting_dl = datamodule.dev_dataloaders(cuts)
+
+    def _setup_outputs(self) -> None:
+        """run_config.json, model.json and tokens.txt beside the checkpoints; the scalar log."""
+        from zipvoice.utils.fileio import atomic_copy, atomic_write_json
+
+        config, exp_dir = self.config, self.exp_dir
+        settings = {**config.flags(), "base_lr": config.base_lr}
+        if is_main(self.rank):
+            atomic_write_json(
+                exp_dir / ckpt.RUN_CONFIG_FILE, {"identity": self.identity, "args": settings}
+            )
+            atomic_copy(config.model.model_config, exp_dir / "model.json")
+            atomic_copy(config.model.token_file, exp_dir / "tokens.txt")
+        run_id = hashlib.sha1(str(exp_dir.resolve()).encode()).hexdigest()[:12]
+        self.experiment = ExperimentLog(
+            exp_dir,
+            self.rank,
+            run_id,
+            tensorboard=bool(config.run.tensorboard),
+            wandb_project=config.run.wandb_project,
+            settings=settings,
+        )
+        trainable, total = self.param_counts
+        if is_main(self.rank) and trainable:
+            self.experiment.scalars(
+                {"params/trainable": trainable, "params/total": total}, self.state.step
+            )
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> bool:
+        """Epochs until the step or epoch budget is spent; False when a callback stopped it."""
+        run = self.config.run
+        total_steps = run.num_iters if run.num_iters > 0 else None
+        num_epochs = run.num_epochs if run.num_iters <= 0 else sys.maxsize
+        self.model.train()
+        self._start = (time.monotonic(), self.state.step)
+        self._running_loss: float | None = None
+        if self.state.step == 0 and run.valid_interval > 0:
+            self.validate()
+        restored_mid_epoch = self.sampler_state is not None
+        while not self._finished(total_steps) and self.state.epoch <= num_epochs:
+            if not restored_mid_epoch:
+                # lhotse counts epochs from 0; a restored sampler already sits in its epoch.
+                self.train_dl.sampler.set_epoch(self.state.epoch - 1)
+                self.state.batches_in_epoch = 0
+            # A checkpoint saved on an epoch's last batch restores a sampler with nothing left.
+            may_be_empty, restored_mid_epoch = restored_mid_epoch, False
+            outcome = self._run_epoch(total_steps)
+            if outcome == "stopped":
+                return False
+            if outcome == "empty" and not may_be_empty:
+                raise TrainingError("the training set yielded no batches (check --max-duration)")
+            if not self._finished(total_steps):
+                self.state.epoch += 1
+        return True
+
+    def _finished(self, total_steps: int | None) -> bool:
+        return total_steps is not None and self.state.step >= total_steps
+
+    def _run_epoch(self, total_steps: int | None) -> str:
+        """One pass over the sampler: "done", "empty" (no batch) or "stopped" (a callback)."""
+        run = self.config.run
+        saw_batch = False
+        batches = iter(self.train_dl)
+        if self._rng_to_restore is not None:
+            # Starting the DataLoader draws from the global RNG; the saved state was taken
+            # after that draw, so restore it only now.
+            ckpt.set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        for raw_batch in batches:
+            saw_batch = True
+            self.state.batches_in_epoch += 1
+            if not self.train_step(raw_batch):
+                continue
+            step = self.state.step
+            if step % run.log_interval == 0 or step == total_steps:
+                self._log_progress(total_steps)
+            if run.valid_interval > 0 and step % run.valid_interval == 0:
+                self.validate()
+            finished = self._finished(total_steps)
+            if run.save_every_n > 0 and step % run.save_every_n == 0 and not finished:
+                self.save(final=False)
+            if any([callback.on_step_end(self) for callback in self.callbacks]):
+                return "stopped"
+            if finished:
+                break
+        return "done" if saw_batch else "empty"
+
+    def train_step(self, raw_batch: dict[str, Any]) -> bool:
+        """Schedules, forward, backward, optimiser update; False if the batch was skipped
+        because its loss was not finite on some rank."""
+        config, state = self.config, self.state
+        batch = prepare_batch(raw_batch, self.tokenizer, config.model.feat_scale, self.device)
+        count = adjusted_batch_count(
+            state.step, config.data.max_duration, self.world_size, config.model.ref_duration
+        )
+        set_batch_count(self.model, count + (100000 if config.model.finetune else 0))
+        self.scheduler.step_batch(state.step)
+        if self.optimizer_kind == "scaledadam" and config.optim.lr_hours > 0:
+            hours = state.step * config.data.max_duration * self.world_size / 3600
+            self.scheduler.step_epoch(hours)
+        with torch.autocast(
+            device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp
+        ):
+            loss = flow_matching_loss(
+                self.model, batch, condition_drop_ratio=config.model.condition_drop_ratio
+            )
+        if not all_ranks_agree(bool(torch.isfinite(loss)), self.world_size, self.device):
+            self._skip_bad_batch(float(loss.detach()), batch.cut_ids)
+            return False
+        backward_and_step(
+            loss, self.scaler, self.optimizer, self.optimizer_kind, self.trainable_params,
+            config.optim.grad_clip,
+        )  # fmt: skip
+        state.step += 1
+        self.last_loss = float(loss.detach())
+        previous = self._running_loss
+        self._running_loss = (
+            self.last_loss if previous is None else 0.9 * previous + 0.1 * self.last_loss
+        )
+        period = config.optim.average_period
+        if self.model_avg is not None and state.step % period == 0:
+            ckpt.update_average(self.model_avg, unwrap_ddp(self.model), state.step, period)
+        return True
+
+    def _skip_bad_batch(self, loss: float, cut_ids: list[str]) -> None:
+        state, limit = self.state, self.config.run.max_bad_batches
+        state.bad_batches += 1
+        logger.warning(
+            "non-finite loss (%s) at step %d, skipping batch; cuts: %s (%d/%d bad)",
+            loss, state.step, ", ".join(cut_ids) or "?", state.bad_batches, limit,
+        )  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        if state.bad_batches > limit:
+            raise TrainingError(
+                f"stopping: {state.bad_batches} batches with non-finite loss exceed "
+                f"--max-bad-batches {limit}; the last checkpoint in {self.exp_dir} is intact"
+            )
+
+    def _log_progress(self, total_steps: int | None) -> None:
+        state = self.state
+        start_time, start_step = self._start
+        rate = (state.step - start_step) / max(time.monotonic() - start_time, 1e-9)
+        remaining = (total_steps - state.step) / rate if total_steps and rate > 0 else 0
+        lr = self.scheduler.get_last_lr()[0]
+        logger.info(
+            "epoch %d step %d%s | loss %.5f (avg %.5f) | lr %.2e | %.2f steps/s | ETA %s",
+            state.epoch, state.step, f"/{total_steps}" if total_steps else "",
+            self.last_loss, self._running_loss, lr, rate,
+            format_eta(remaining) if total_steps else "-",
+        )  # fmt: skip
+        if is_main(self.rank):
+            values = {"train/loss": self.last_loss, "train/lr": lr}
+            if self.use_amp:
+                values["train/grad_scale"] = self.scaler.get_scale()
+            self.experiment.scalars(values, state.step)
+
+    # ------------------------------------------------------------------ validate and save
+
+    def validate(self) -> dict[str, float]:
+        """Deterministic dev loss (and forgetting-set loss); logged, passed to callbacks."""
+        values = {"valid/loss": self._dev_loss(self.dev_dl)}
+        self.state.best_valid_loss = min(self.state.best_valid_loss, values["valid/loss"])
+        message = f"step {self.state.step}: validation loss {values['valid/loss']:.5f}"
+        if self.forgetting_dl is not None:
+            values["valid/forgetting_loss"] = self._dev_loss(self.forgetting_dl)
+            message += f", forgetting-set loss {values['valid/forgetting_loss']:.5f}"
+        logger.info(message)
+        if is_main(self.rank):
+            self.experiment.scalars(values, self.state.step)
+        for callback in self.callbacks:
+            callback.on_validation(self, values)
+        return values
+
+    def _dev_loss(self, loader: Any) -> float:
+        return compute_validation_loss(
+            self.model,
+            loader,
+            tokenizer=self.tokenizer,
+            feat_scale=self.config.model.feat_scale,
+            device=self.device,
+            seed=self.config.run.seed,
+            world_size=self.world_size,
+        )
+
+    def save(self, final: bool) -> None:
+        """Checkpoint + adapter (or full model) at this step; a failed write (a full disk) stops
+        the run with a message that says which checkpoint is still intact to resume from."""
+        try:
+            self._write_save_point(final)
+        except OSError as err:
+            newest = ckpt.list_checkpoints(self.exp_dir)
+            intact = (
+                f"the newest complete checkpoint, {newest[-1][1]}, is intact"
+                if newest
+                else "no checkpoint was written yet"
+            )
+            step = self.state.step
+            raise TrainingError(
+                f"saving step {step} (checkpoint-{step}.pt and its adapter) in {self.exp_dir} "
+                f"failed: {err}. Nothing was half-written: {intact}; free some space "
+                "and rerun the same command to resume"
+            ) from err
+
+    def _write_save_point(self, final: bool) -> None:
+        from zipvoice.models.modules.lora_utils import is_lora_model
+        from zipvoice.utils.checkpoint import save_checkpoint
+
+        gathered = gather_objects(ckpt.get_rng_state(), self.world_size)
+        if not is_main(self.rank):
+            return
+        raw, state = unwrap_ddp(self.model), self.state
+        checkpoint_path = self.exp_dir / f"checkpoint-{state.step}.pt"
+        save_checkpoint(
+            {
+                "model": trainable_state_dict(raw),
+                "model_avg": self.model_avg,
+                "module_state": module_training_state(raw),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "grad_scaler": self.scaler.state_dict() if self.use_amp else None,
+                "sampler": ckpt.sampler_state_after(self.train_dl.sampler, state.batches_in_epoch),
+                "rng": gathered,
+                "step": state.step,
+                "epoch": state.epoch,
+                "batches_in_epoch": state.batches_in_epoch,
+                "bad_batches": state.bad_batches,
+                "best_valid_loss": state.best_valid_loss,
+                "identity": self.identity,
+            },
+            checkpoint_path,
+        )
+        ckpt.prune_checkpoints(self.exp_dir, self.config.run.keep_last_k)
+        name = "adapter" if final else f"adapter-{state.step}"
+        if is_lora_model(raw):
+            self._save_adapter(raw, self.exp_dir / name)
+        elif final:
+            token_file = self.config.model.token_file
+            ckpt.save_full_model(raw, self.exp_dir / "finetuned", token_file, self.model_config)
+        adapter = f" and {name}/" if is_lora_model(raw) else ""
+        logger.info("saved %s%s", checkpoint_path.name, adapter)
+
+    def _save_adapter(self, model: nn.Module, out_dir: Path) -> None:
+        from zipvoice.models.modules.adapter_folder import save_adapter
+
+        model_cfg, setup = self.config.model, self.setup_result
+        save_adapter(
+            model,
+            out_dir,
+            base_fingerprint=setup.base_fingerprint,
+            token_file=model_cfg.token_file,
+            model_config=self.model_config,
+            extra={
+                "tokenizer": model_cfg.tokenizer,
+                "lang": model_cfg.lang,
+                "base_vocab_size": setup.base_vocab_size,
+                "pad_id": setup.pad_id,
+                "base_checkpoint": str(model_cfg.checkpoint),
+                "distill": bool(model_cfg.distill),
+                "step": self.state.step,
+            },
+            initial_adapter_dir=self.initial_adapter_dir,
+        )
+
+
+def _count_parameters(model: nn.Module) -> tuple[int, int]:
+    from zipvoice.models.modules.lora_utils import count_parameters
+
+    return count_parameters(model)
