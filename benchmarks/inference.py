@@ -7,8 +7,9 @@
 The model is the released configuration with random weights (cost does not depend on the
 values); adapters are rank 32, alpha 64 on --lora-preset targets, with random non-zero B
 matrices. One fresh process per method generates features for one text after one prompt with
-the project's samplers (`infer.torch_sampler`, `infer_onnx.OnnxZipVoice`), Euler with
-classifier-free guidance (guidance > 0 doubles the batch), t_shift 0.5:
+the project's samplers (`zipvoice.inference.torch_backend.torch_sampler`,
+`zipvoice.onnx.runtime.OnnxZipVoice`), Euler with classifier-free guidance (guidance > 0
+doubles the batch), t_shift 0.5:
 
 - base: the plain model; merged: the adapter merged into the weights by `merge_lora_weights`,
   which gives the base model's modules, so its cost equals the base model's by construction
@@ -119,7 +120,7 @@ def released_vocoder(device: torch.device) -> torch.nn.Module:
 
 
 def worker(cli: argparse.Namespace) -> None:
-    from zipvoice.utils.infer import torch_sampler, torch_vocoder
+    from zipvoice.inference.torch_backend import torch_sampler, torch_vocoder
 
     method = cli.worker
     torch_device = resolve_device(cli.device)
@@ -129,7 +130,7 @@ def worker(cli: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
 
     if is_onnx:
-        from zipvoice.utils.infer_onnx import OnnxZipVoice
+        from zipvoice.onnx.runtime import OnnxZipVoice
 
         onnx_model = OnnxZipVoice(cli.onnx_dir, int8=method == "onnx-int8", num_thread=threads)
         feat_dim = onnx_model.feat_dim
@@ -192,7 +193,7 @@ def worker(cli: argparse.Namespace) -> None:
 
 def export_onnx(cli: argparse.Namespace, out_dir: Path) -> float:
     """Export the base model (text encoder, decoder, their int8 versions); returns seconds."""
-    from zipvoice.utils.onnx_export import export_model
+    from zipvoice.onnx.export import export_model
 
     model = build_base(cli)
     token_file = out_dir / "tokens_in.txt"

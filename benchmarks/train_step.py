@@ -6,7 +6,8 @@
 
 The model is the released configuration with random weights (cost does not depend on the
 values), set up by the trainer's own functions (`zipvoice.training.model_setup.setup_model`,
-`zipvoice.training.optimizer.build_optimizer`) from a temporary checkpoint, and trained on one fixed synthetic batch. Each method runs in a fresh process:
+`zipvoice.training.optimizer.build_optimizer`) from a temporary checkpoint, and trained on
+one fixed synthetic batch. Each method runs in a fresh process:
 
 - full: every parameter trains with ScaledAdam + Eden, as upstream fine-tunes, and the trainer
   keeps its float64 averaged copy of the trainable weights (`model_avg`) on the CPU;

@@ -16,7 +16,7 @@ from zipvoice.dataset.fbank import compute_fbank
 from zipvoice.dataset.manifests import prepare_dataset
 from zipvoice.dataset.synthetic import make_japanese_corpus
 from zipvoice.dataset.tokens import prepare_tokens
-from zipvoice.tokenizer.token_file import prepare_token_file
+from zipvoice.tokenizer.prepare import prepare_token_file
 
 __all__ = ["japanese_corpus", "japanese_fbank_manifests"]
 

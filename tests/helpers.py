@@ -11,12 +11,12 @@ import soundfile as sf
 import torch
 
 from tests.conftest import PARITY
+from zipvoice.models.modules.adapter_folder import fingerprint_state_dict, save_adapter
 from zipvoice.models.modules.lora_utils import (
     apply_lora_to_model,
     create_lora_config,
     get_lora_target_modules,
 )
-from zipvoice.models.modules.adapter_folder import fingerprint_state_dict, save_adapter
 from zipvoice.utils.checkpoint import load_checkpoint_state
 
 PROMPT_TEXT = "hello there"
@@ -96,8 +96,9 @@ def make_inference_workdir(root: Path, adapters: dict[str, tuple[bool, int]]) ->
 
 def expected_samples(workdir: Path, text: str = TEXT, speed: float = 1.0) -> int:
     """prompt_frames / prompt_tokens * text_tokens / speed frames of 256 samples (one chunk)."""
+    from zipvoice.inference.chunking import add_punctuation
+    from zipvoice.inference.prompt import prepare_prompt
     from zipvoice.tokenizer.tokenizer import get_tokenizer
-    from zipvoice.utils.infer import add_punctuation, prepare_prompt
 
     tokenizer = get_tokenizer("simple", PARITY / "tokens.txt")
     to_tokens = lambda s: tokenizer.texts_to_tokens([s])[0]  # noqa: E731

@@ -634,12 +634,12 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resume_skips_a_torn_one(
 
 def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(infer_dir, tmp_path):
     from zipvoice.models.loader import load_pretrained
+    from zipvoice.models.modules.adapter_folder import save_adapter
     from zipvoice.models.modules.lora_utils import (
         apply_lora_to_model,
         create_lora_config,
         get_lora_target_modules,
     )
-    from zipvoice.models.modules.adapter_folder import save_adapter
 
     lora = adapter_copy(infer_dir, tmp_path / "adapter")
     before = {p.name: p.read_bytes() for p in lora.iterdir()}

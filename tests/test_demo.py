@@ -5,7 +5,7 @@ import onnx
 import pytest
 import soundfile as sf
 
-from zipvoice.utils.demo import MARKER, DemoSettings, run_demo
+from zipvoice.demo.pipeline import MARKER, DemoSettings, run_demo
 
 
 @pytest.mark.slow

@@ -21,15 +21,15 @@ from tests.helpers import (  # noqa: F401 - make_adapter & co. are also imported
     write_prompt_wav,
 )
 from zipvoice.bin import infer_zipvoice
-from zipvoice.models.modules.adapter_folder import AdapterError
-from zipvoice.utils.checkpoint import load_checkpoint_state
-from zipvoice.utils.infer import (
+from zipvoice.inference.chunking import (
     add_punctuation,
     batchify_tokens,
     chunk_tokens_punctuation,
     cross_fade_concat,
-    load_model_for_inference,
 )
+from zipvoice.inference.torch_backend import load_model_for_inference
+from zipvoice.models.modules.adapter_folder import AdapterError
+from zipvoice.utils.checkpoint import load_checkpoint_state
 
 VOCOS_DIR = PARITY / "vocos"
 

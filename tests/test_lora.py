@@ -14,6 +14,12 @@ from torch import nn
 
 from tests.conftest import PARITY
 from tests.helpers import ADAPTER_FILES, perturb_adapters
+from zipvoice.models.modules.adapter_folder import (
+    AdapterError,
+    fingerprint_state_dict,
+    load_adapter,
+    save_adapter,
+)
 from zipvoice.models.modules.lora_utils import (
     ATTENTION_SUFFIXES,
     FF_CONV_SUFFIXES,
@@ -28,12 +34,6 @@ from zipvoice.models.modules.lora_utils import (
 )
 from zipvoice.models.zipvoice import ZipVoice
 from zipvoice.tokenizer.token_file import write_token_file
-from zipvoice.models.modules.adapter_folder import (
-    AdapterError,
-    fingerprint_state_dict,
-    load_adapter,
-    save_adapter,
-)
 from zipvoice.utils.optim import Eden, ScaledAdam, WarmupCosine
 
 MODEL_DIR = PARITY / "zipvoice"

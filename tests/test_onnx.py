@@ -14,10 +14,10 @@ import torch
 from tests.conftest import PARITY
 from tests.helpers import PROMPT_TEXT, TEXT, expected_samples, make_inference_workdir
 from zipvoice.bin import infer_zipvoice_onnx, onnx_export
+from zipvoice.inference.torch_backend import load_model_for_inference
 from zipvoice.models.modules.lora_utils import apply_lora_to_model, create_lora_config
-from zipvoice.utils.infer import load_model_for_inference
-from zipvoice.utils.infer_onnx import OnnxZipVoice
-from zipvoice.utils.onnx_export import OnnxExportError, export_model, read_metadata
+from zipvoice.onnx.export import OnnxExportError, export_model, read_metadata
+from zipvoice.onnx.runtime import OnnxZipVoice
 
 VOCOS_DIR = PARITY / "vocos"
 

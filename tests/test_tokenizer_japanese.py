@@ -1,7 +1,7 @@
 """Golden tests for the Japanese tokenizer (OpenJTalk phonemes + ESPnet prosody marks).
 
-The expected sequences were produced by this implementation and checked by hand against
-docs/japanese-prosody.md; the first five are that page's examples verbatim. Accents come from
+The expected sequences were produced by this implementation and checked by hand against the
+marks described in docs/japanese.md; the first five are the examples of that page. Accents come from
 the dictionary that pyopenjtalk-plus ships, so the golden values hold for one version only.
 """
 

@@ -291,7 +291,7 @@ def prepare_data(layout: Layout, budget: Budget) -> None:
     from zipvoice.dataset.fbank import compute_fbank
     from zipvoice.dataset.manifests import prepare_dataset
     from zipvoice.dataset.tokens import prepare_tokens
-    from zipvoice.tokenizer.token_file import prepare_token_file
+    from zipvoice.tokenizer.prepare import prepare_token_file
 
     corpus = json.loads((layout.corpus / "DONE.json").read_text(encoding="utf-8"))
     en_tok = english_tokenizer()

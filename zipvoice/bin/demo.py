@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zipvoice.demo.pipeline import DemoSettings, run_demo
 from zipvoice.utils.cli import exit_on_error, setup_logging
-from zipvoice.utils.demo import DemoSettings, run_demo
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -17,19 +17,17 @@ import sys
 
 import torch
 
-from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging
-from zipvoice.utils.infer import (
+from zipvoice.inference.flags import (
     add_generation_arguments,
     add_model_arguments,
     check_io_arguments,
     load_model_from_args,
-    model_kind,
     resolve_sampling_defaults,
     run_from_args,
     synthesizer_from_args,
-    torch_sampler,
-    torch_vocoder,
 )
+from zipvoice.inference.torch_backend import model_kind, torch_sampler, torch_vocoder
+from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
-from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging, str2bool
-from zipvoice.utils.infer import (
+from zipvoice.inference.flags import (
     add_generation_arguments,
     check_io_arguments,
     resolve_sampling_defaults,
     run_from_args,
     synthesizer_from_args,
-    torch_vocoder,
 )
-from zipvoice.utils.infer_onnx import OnnxZipVoice
+from zipvoice.inference.torch_backend import torch_vocoder
+from zipvoice.onnx.runtime import OnnxZipVoice
+from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging, str2bool
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -64,20 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.num_thread)
         vocode = torch_vocoder(load_vocoder(args.vocoder_path))
-    rng = np.random.default_rng(args.seed)
-
-    def sample(batch: list[list[int]], prompt_ids: list[int], prompt_features: np.ndarray):
-        return model.sample(
-            batch,
-            prompt_ids,
-            prompt_features,
-            num_step=args.num_step,
-            guidance_scale=args.guidance_scale,
-            t_shift=args.t_shift,
-            speed=args.speed,
-            rng=rng,
-        )
-
+    sample = model.sampler(
+        args.num_step, args.guidance_scale, args.t_shift, args.speed, seed=args.seed
+    )
     synthesizer = synthesizer_from_args(args, sample, vocode, model.token_file, model.metadata)
     run_from_args(args, synthesizer)
     return 0

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
+from zipvoice.inference.flags import add_model_arguments, load_model_from_args, text_frontend
+from zipvoice.inference.torch_backend import model_kind
+from zipvoice.onnx.export import EXPORTERS, export_metadata, export_model
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
-from zipvoice.utils.infer import (
-    add_model_arguments,
-    load_model_from_args,
-    model_kind,
-    text_frontend,
-)
-from zipvoice.utils.onnx_export import EXPORTERS, export_model
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -64,20 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
             vocoder = load_vocoder(args.vocoder_path)
         tokenizer_name, lang = text_frontend(args, meta)
-        metadata = {
-            "tokenizer": tokenizer_name,
-            "lang": lang,
-            "checkpoint": Path(args.checkpoint_name).name,
-        }
-        if args.lora_path is not None:
-            metadata.update(
-                {
-                    "lora_merged": "1",
-                    "lora_scale": str(args.lora_scale),
-                    "lora_base_fingerprint": str(meta.get("base_fingerprint", "")),
-                    "lora": meta.get("lora", {}),
-                }
-            )
+        metadata = export_metadata(
+            tokenizer_name, lang, args.checkpoint_name, args.lora_path, args.lora_scale, meta
+        )
         written = export_model(
             model,
             args.onnx_model_dir,

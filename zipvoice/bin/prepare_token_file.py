@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from zipvoice.tokenizer.token_file import prepare_token_file
+from zipvoice.tokenizer.prepare import prepare_token_file
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.utils.cli import exit_on_error, setup_logging
 

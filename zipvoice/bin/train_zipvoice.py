@@ -42,6 +42,7 @@ MODEL, LORA, OPTIM, RUN = ModelConfig(), AdapterConfig().lora, OptimConfig(), Ru
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model", "What to build, from which weights and tokens.")
     add = group.add_argument
+    # fmt: off
     add("--model-config", type=str, default=MODEL.model_config,
         help="model.json of the model; the default is the released configuration, in the recipe")
     add("--checkpoint", type=str, default=MODEL.checkpoint, help="pretrained model.pt")
@@ -59,7 +60,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add("--condition-drop-ratio", type=float, default=MODEL.condition_drop_ratio,
         help="probability of dropping an utterance's text condition")
     add("--ref-duration", type=float, default=MODEL.ref_duration,
-        help="seconds of audio per batch that the model's internal schedules assume")  # fmt: skip
+        help="seconds of audio per batch that the model's internal schedules assume")
+    # fmt: on
 
 
 def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +69,7 @@ def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
         "adapter", "LoRA/DoRA on the decoder (zipvoice.models.modules.lora_config.LoraSettings)."
     )
     add = group.add_argument
+    # fmt: off
     add("--use-lora", type=str2bool, default=AdapterConfig().use_lora,
         help="train LoRA/DoRA adapters on the decoder; the base decoder stays frozen")
     add("--lora-rank", type=int, default=LORA.rank, help="adapter rank r")
@@ -78,12 +81,14 @@ def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lora-init", type=str, default=LORA.init,
         help=f"adapter initialisation: {', '.join(LORA_INITS)} or pissa_niter_<N>")
     add("--use-rslora", type=str2bool, default=LORA.use_rslora,
-        help="rank-stabilised scaling alpha/sqrt(rank)")  # fmt: skip
+        help="rank-stabilised scaling alpha/sqrt(rank)")
+    # fmt: on
 
 
 def _add_optim_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
     add = group.add_argument
+    # fmt: off
     add("--optimizer", type=str, default=OPTIM.optimizer, choices=OPTIMIZERS,
         help="auto: AdamW for adapters, ScaledAdam + Eden for full training")
     add("--base-lr", type=float, default=OPTIM.base_lr,
@@ -101,12 +106,14 @@ def _add_optim_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr-hours", type=float, default=OPTIM.lr_hours,
         help="Eden: if > 0, hours of audio of lr decay (replaces --lr-epochs)")
     add("--average-period", type=int, default=OPTIM.average_period,
-        help="steps between updates of the running average of the trainable weights")  # fmt: skip
+        help="steps between updates of the running average of the trainable weights")
+    # fmt: on
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run", "Where, how long, how many processes, logging.")
     add = group.add_argument
+    # fmt: off
     add("--exp-dir", type=str, default=RUN.exp_dir, help="folder of checkpoints, adapters, logs")
     add("--world-size", type=int, default=RUN.world_size, help="number of DDP processes")
     add("--master-port", type=int, default=RUN.master_port, help="DDP master port")
@@ -130,7 +137,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="log to Weights & Biases (offline unless logged in)")
     add("--log-interval", type=int, default=RUN.log_interval, help="console log every N steps")
     add("--max-bad-batches", type=int, default=RUN.max_bad_batches,
-        help="stop after this many batches with a non-finite loss")  # fmt: skip
+        help="stop after this many batches with a non-finite loss")
+    # fmt: on
 
 
 def get_parser() -> argparse.ArgumentParser:

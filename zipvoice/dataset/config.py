@@ -42,101 +42,41 @@ DEFAULTS = DataConfig()
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the data flags as one argument group."""
+    """Add the data flags as one argument group, with the defaults of DataConfig."""
     group = parser.add_argument_group(
         title="TTS data related options",
         description="Manifests, batch sizes, sampling and feature extraction.",
     )
-    group.add_argument(
-        "--manifest-dir",
-        type=Path,
-        default=DEFAULTS.manifest_dir,
+    add, d = group.add_argument, DEFAULTS
+    # fmt: off
+    add("--manifest-dir", type=Path, default=d.manifest_dir,
         help="Directory with the train/dev cut manifests (relative --train-manifest and "
-        "--dev-manifest paths are also looked up here).",
-    )
-    group.add_argument(
-        "--max-duration",
-        type=float,
-        default=DEFAULTS.max_duration,
-        help="Maximum total audio duration (seconds) in one batch; lower it on OOM.",
-    )
-    group.add_argument(
-        "--bucketing-sampler",
-        type=str2bool,
-        default=DEFAULTS.bucketing_sampler,
-        help="Batch utterances of similar duration together (less padding).",
-    )
-    group.add_argument(
-        "--num-buckets",
-        type=int,
-        default=DEFAULTS.num_buckets,
-        help="Buckets of the DynamicBucketingSampler (capped at the number of cuts).",
-    )
-    group.add_argument(
-        "--on-the-fly-feats",
-        type=str2bool,
-        default=DEFAULTS.on_the_fly_feats,
-        help="Compute features from audio while loading instead of reading compute_fbank's.",
-    )
-    group.add_argument(
-        "--shuffle",
-        type=str2bool,
-        default=DEFAULTS.shuffle,
-        help="Shuffle the training cuts each epoch.",
-    )
-    group.add_argument(
-        "--drop-last",
-        type=str2bool,
-        default=DEFAULTS.drop_last,
-        help="Drop the last incomplete batch.",
-    )
-    group.add_argument(
-        "--return-cuts",
-        type=str2bool,
-        default=DEFAULTS.return_cuts,
-        help="Put the cuts of each batch in batch['cut'].",
-    )
-    group.add_argument(
-        "--num-workers",
-        type=int,
-        default=DEFAULTS.num_workers,
-        help="Training data loader worker processes.",
-    )
-    group.add_argument(
-        "--dataset",
-        type=str,
-        default=DEFAULTS.dataset,
-        choices=DATASETS,
-        help="Which manifests to train on; 'custom' uses --train-manifest/--dev-manifest.",
-    )
-    group.add_argument(
-        "--train-manifest",
-        type=str,
-        default=DEFAULTS.train_manifest,
-        help="Training cuts (for --dataset custom).",
-    )
-    group.add_argument(
-        "--dev-manifest",
-        type=str,
-        default=DEFAULTS.dev_manifest,
-        help="Validation cuts (for --dataset custom).",
-    )
-    group.add_argument(
-        "--min-len",
-        type=float,
-        default=DEFAULTS.min_len,
-        help="Drop training cuts shorter than this (s).",
-    )
-    group.add_argument(
-        "--max-len",
-        type=float,
-        default=DEFAULTS.max_len,
-        help="Drop training cuts longer than this (s).",
-    )
-    group.add_argument(
-        "--forgetting-manifest",
-        type=str,
-        default=DEFAULTS.forgetting_manifest,
+        "--dev-manifest paths are also looked up here).")
+    add("--max-duration", type=float, default=d.max_duration,
+        help="Maximum total audio duration (seconds) in one batch; lower it on OOM.")
+    add("--bucketing-sampler", type=str2bool, default=d.bucketing_sampler,
+        help="Batch utterances of similar duration together (less padding).")
+    add("--num-buckets", type=int, default=d.num_buckets,
+        help="Buckets of the DynamicBucketingSampler (capped at the number of cuts).")
+    add("--on-the-fly-feats", type=str2bool, default=d.on_the_fly_feats,
+        help="Compute features from audio while loading instead of reading compute_fbank's.")
+    add("--shuffle", type=str2bool, default=d.shuffle,
+        help="Shuffle the training cuts each epoch.")
+    add("--drop-last", type=str2bool, default=d.drop_last, help="Drop the last incomplete batch.")
+    add("--return-cuts", type=str2bool, default=d.return_cuts,
+        help="Put the cuts of each batch in batch['cut'].")
+    add("--num-workers", type=int, default=d.num_workers,
+        help="Training data loader worker processes.")
+    add("--dataset", type=str, default=d.dataset, choices=DATASETS,
+        help="Which manifests to train on; 'custom' uses --train-manifest/--dev-manifest.")
+    add("--train-manifest", type=str, default=d.train_manifest,
+        help="Training cuts (for --dataset custom).")
+    add("--dev-manifest", type=str, default=d.dev_manifest,
+        help="Validation cuts (for --dataset custom).")
+    add("--min-len", type=float, default=d.min_len,
+        help="Drop training cuts shorter than this (s).")
+    add("--max-len", type=float, default=d.max_len, help="Drop training cuts longer than this (s).")
+    add("--forgetting-manifest", type=str, default=d.forgetting_manifest,
         help="Cuts of the pretraining domain: training logs a second dev loss on them, to "
-        "watch forgetting.",
-    )
+        "watch forgetting.")
+    # fmt: on

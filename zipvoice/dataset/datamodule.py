@@ -171,9 +171,7 @@ class TtsDataModule:
             en = self._require(Path(args.manifest_dir) / "emilia_cuts_EN.jsonl.gz", "emilia")
             zh = self._require(Path(args.manifest_dir) / "emilia_cuts_ZH.jsonl.gz", "emilia")
             self.train_manifest = f"{en} + {zh}"
-            cuts = CutSet.mux(
-                load_manifest_lazy(en), load_manifest_lazy(zh), seed=self.seed
-            )
+            cuts = CutSet.mux(load_manifest_lazy(en), load_manifest_lazy(zh), seed=self.seed)
         else:
             path = self._require(
                 Path(args.manifest_dir) / "libritts_cuts_train-all-shuf.jsonl.gz", "libritts"

@@ -249,6 +249,78 @@ def write_rejected_tsv(path: Path, rejected: list[RejectedRow]) -> None:
     atomic_write_text(path, "".join(lines))
 
 
+def _check_paths(
+    tsv_path: Path, output_dir: str | os.PathLike, prefix: str, subset: str, overwrite: bool
+) -> dict[str, Path]:
+    """The output paths, once the input exists and no output would be overwritten unasked."""
+    if tsv_path.is_dir():
+        raise FileNotFoundError(f"tsv file {tsv_path} is a directory, expected a file")
+    if not tsv_path.is_file():
+        raise FileNotFoundError(f"tsv file not found: {tsv_path}")
+    out = manifest_paths(output_dir, prefix, subset)
+    if not overwrite:
+        for key in ("recordings", "supervisions", "cuts"):
+            if out[key].exists():
+                raise FileExistsError(f"{out[key]} already exists; pass --overwrite to replace it")
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _row_cut(
+    row: TsvRow, recording: Recording, sampling_rate: int
+) -> tuple[SupervisionSegment, MonoCut] | str:
+    """The supervision and cut of one row, or why its start/end do not fit the audio."""
+    end = recording.duration if row.end is None else row.end
+    if row.start >= recording.duration:
+        return (
+            f"bad start/end: start {row.start} s is not inside the audio "
+            f"({recording.duration:.3f} s)"
+        )
+    if end > recording.duration + END_TOLERANCE_S:
+        return (
+            f"bad start/end: end {end} s is past the end of the audio ({recording.duration:.3f} s)"
+        )
+    end = min(end, recording.duration)
+    supervision = SupervisionSegment(
+        id=row.uniq_id,
+        recording_id=recording.id,
+        start=row.start,
+        duration=end - row.start,
+        channel=recording.channel_ids[0],
+        text=row.text,
+        speaker=speaker_from_id(row.uniq_id),
+    )
+    cut = MonoCut(
+        id=row.uniq_id,
+        start=row.start,
+        duration=supervision.duration,
+        channel=supervision.channel,
+        recording=recording,
+        supervisions=[supervision.with_offset(-row.start)],
+        custom={"tsv_line": row.line},  # lets later stages point at the tsv row
+    )
+    if recording.sampling_rate != sampling_rate:
+        cut = cut.resample(sampling_rate)
+    return supervision, cut
+
+
+def _handle_rejected(
+    tsv_path: Path, rejected: list[RejectedRow], kept: int, report: Path, on_error: str
+) -> None:
+    """Write the rejected rows' report; fail (on_error "fail") or warn about each."""
+    rejected.sort(key=lambda r: r.line)
+    if not rejected:
+        return
+    write_rejected_tsv(report, rejected)
+    if on_error == "fail":
+        raise InvalidRowsError(tsv_path, rejected, report)
+    for r in rejected:
+        logger.warning("%s:%d skipped: %s", tsv_path, r.line, r.reason)
+    logger.warning(
+        "Skipped %d of %d rows; they are listed in %s", len(rejected), len(rejected) + kept, report
+    )
+
+
 def prepare_dataset(
     tsv_path: str | os.PathLike,
     prefix: str = "custom",
@@ -266,17 +338,7 @@ def prepare_dataset(
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     tsv_path = Path(tsv_path)
-    if tsv_path.is_dir():
-        raise FileNotFoundError(f"tsv file {tsv_path} is a directory, expected a file")
-    if not tsv_path.is_file():
-        raise FileNotFoundError(f"tsv file not found: {tsv_path}")
-    out = manifest_paths(output_dir, prefix, subset)
-    if not overwrite:
-        for key in ("recordings", "supervisions", "cuts"):
-            if out[key].exists():
-                raise FileExistsError(f"{out[key]} already exists; pass --overwrite to replace it")
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-
+    out = _check_paths(tsv_path, output_dir, prefix, subset, overwrite)
     logger.info("Reading %s", tsv_path)
     rows, rejected = read_tsv_rows(tsv_path)
     probes = _probe_all((r.wav_path for r in rows), num_jobs)
@@ -287,71 +349,17 @@ def prepare_dataset(
     multichannel: set[str] = set()
     for row in rows:
         probe = probes[row.wav_path]
-        if isinstance(probe, str):
-            rejected.append(RejectedRow(row.line, probe, row.raw))
+        made = probe if isinstance(probe, str) else _row_cut(row, probe, sampling_rate)
+        if isinstance(made, str):
+            rejected.append(RejectedRow(row.line, made, row.raw))
             continue
-        recording = probe
-        end = recording.duration if row.end is None else row.end
-        if row.start >= recording.duration:
-            rejected.append(
-                RejectedRow(
-                    row.line,
-                    f"bad start/end: start {row.start} s is not inside the audio "
-                    f"({recording.duration:.3f} s)",
-                    row.raw,
-                )
-            )
-            continue
-        if end > recording.duration + END_TOLERANCE_S:
-            rejected.append(
-                RejectedRow(
-                    row.line,
-                    f"bad start/end: end {end} s is past the end of the audio "
-                    f"({recording.duration:.3f} s)",
-                    row.raw,
-                )
-            )
-            continue
-        end = min(end, recording.duration)
-        if len(recording.channel_ids) > 1:
+        if len(probe.channel_ids) > 1:
             multichannel.add(row.wav_path)
-        recordings[recording.id] = recording
-        supervision = SupervisionSegment(
-            id=row.uniq_id,
-            recording_id=recording.id,
-            start=row.start,
-            duration=end - row.start,
-            channel=recording.channel_ids[0],
-            text=row.text,
-            speaker=speaker_from_id(row.uniq_id),
-        )
-        supervisions.append(supervision)
-        cut = MonoCut(
-            id=row.uniq_id,
-            start=row.start,
-            duration=supervision.duration,
-            channel=supervision.channel,
-            recording=recording,
-            supervisions=[supervision.with_offset(-row.start)],
-            custom={"tsv_line": row.line},  # lets later stages point at the tsv row
-        )
-        if recording.sampling_rate != sampling_rate:
-            cut = cut.resample(sampling_rate)
-        cuts.append(cut)
+        recordings[probe.id] = probe
+        supervisions.append(made[0])
+        cuts.append(made[1])
 
-    rejected.sort(key=lambda r: r.line)
-    if rejected:
-        write_rejected_tsv(out["rejected"], rejected)
-        if on_error == "fail":
-            raise InvalidRowsError(tsv_path, rejected, out["rejected"])
-        for r in rejected:
-            logger.warning("%s:%d skipped: %s", tsv_path, r.line, r.reason)
-        logger.warning(
-            "Skipped %d of %d rows; they are listed in %s",
-            len(rejected),
-            len(rejected) + len(cuts),
-            out["rejected"],
-        )
+    _handle_rejected(tsv_path, rejected, len(cuts), out["rejected"], on_error)
     if not cuts:
         raise ValueError(f"{tsv_path} holds no usable rows ({len(rejected)} rejected)")
     if multichannel:

@@ -136,6 +136,31 @@ def _utt_id(spk_index: int, sent_index: int) -> str:
     return f"spk{spk_index}_{sent_index:04d}"
 
 
+def _check_corpus_settings(
+    pool: list[str], num_speakers: int, num_sentences: int, dev_fraction: float
+) -> None:
+    for sentence in pool:
+        _check_sentence(sentence)
+    if not 1 <= num_speakers <= len(PSEUDO_SPEAKERS):
+        raise ValueError(
+            f"num_speakers must be between 1 and {len(PSEUDO_SPEAKERS)}, got {num_speakers}"
+        )
+    if not 1 <= num_sentences <= len(pool):
+        raise ValueError(
+            f"num_sentences must be between 1 and {len(pool)} (the sentences available), "
+            f"got {num_sentences}"
+        )
+    if not 0.0 <= dev_fraction < 1.0:
+        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
+
+
+def _num_dev(num_sentences: int, dev_fraction: float) -> int:
+    """Sentences held out for dev: the rounded fraction, at least one when there are two."""
+    if dev_fraction > 0 and num_sentences >= 2:
+        return min(num_sentences - 1, max(1, int(math.floor(num_sentences * dev_fraction + 0.5))))
+    return 0
+
+
 def make_japanese_corpus(
     out_dir: str | os.PathLike,
     num_speakers: int = 2,
@@ -157,20 +182,7 @@ def make_japanese_corpus(
     absolute, so the files work from any directory.
     """
     pool = list(JAPANESE_SENTENCES if sentences is None else sentences)
-    for sentence in pool:
-        _check_sentence(sentence)
-    if not 1 <= num_speakers <= len(PSEUDO_SPEAKERS):
-        raise ValueError(
-            f"num_speakers must be between 1 and {len(PSEUDO_SPEAKERS)}, got {num_speakers}"
-        )
-    if not 1 <= num_sentences <= len(pool):
-        raise ValueError(
-            f"num_sentences must be between 1 and {len(pool)} (the sentences available), "
-            f"got {num_sentences}"
-        )
-    if not 0.0 <= dev_fraction < 1.0:
-        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
-
+    _check_corpus_settings(pool, num_speakers, num_sentences, dev_fraction)
     out_dir = Path(out_dir).resolve()
     wav_dir = out_dir / "wavs"
     train_tsv = out_dir / f"{name}_train.tsv"
@@ -187,13 +199,7 @@ def make_japanese_corpus(
     wav_dir.mkdir(parents=True, exist_ok=True)
 
     chosen = pool[:num_sentences]
-    num_dev = 0
-    if dev_fraction > 0 and num_sentences >= 2:
-        num_dev = min(
-            num_sentences - 1, max(1, int(math.floor(num_sentences * dev_fraction + 0.5)))
-        )
-    dev_start = num_sentences - num_dev
-
+    dev_start = num_sentences - _num_dev(num_sentences, dev_fraction)
     from zipvoice.utils.audio import save_wav
 
     train_rows: list[str] = []

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lhotse import CutSet
 from lhotse.cut import Cut
@@ -91,20 +93,7 @@ def _write_report(path: Path, rejected: list[RejectedCut]) -> None:
     atomic_write_text(path, "".join(lines))
 
 
-def prepare_tokens(
-    input_file: str | os.PathLike,
-    output_file: str | os.PathLike,
-    tokenizer: str = "japanese",
-    lang: str = "en-us",
-    token_file: str | os.PathLike | None = None,
-    num_jobs: int = 1,
-    on_error: str = "fail",
-    overwrite: bool = False,
-) -> TokenizedManifest:
-    """Write `output_file`: the input cuts with `tokens` on every supervision."""
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-    input_file, output_file = Path(input_file), Path(output_file)
+def _check_paths(input_file: Path, output_file: Path, overwrite: bool) -> None:
     if not input_file.is_file():
         raise FileNotFoundError(f"cuts manifest not found: {input_file}")
     if output_file.resolve() == input_file.resolve():
@@ -113,20 +102,15 @@ def prepare_tokens(
         raise FileExistsError(f"{output_file} already exists; pass --overwrite to replace it")
     output_file.parent.mkdir(parents=True, exist_ok=True)
 
-    tok = get_tokenizer(tokenizer, token_file=token_file, lang=lang)
-    if hasattr(tok, "num_workers"):
-        tok.num_workers = max(1, num_jobs)  # the Japanese front-end runs its own process pool
-    known = getattr(tok, "token2id", None)
 
-    logger.info("Loading %s", input_file)
-    cuts = list(CutSet.from_file(input_file))
-    texts = [sup.text or "" for cut in cuts for sup in cut.supervisions]
-    logger.info("Tokenising %d texts with the %s tokenizer", len(texts), tokenizer)
-    all_tokens = iter(tok.texts_to_tokens(texts))
-
+def _tokenize_cuts(
+    cuts: list[Cut], all_tokens: Iterator[list[str]], known: Any, token_file: Any
+) -> tuple[list[Cut], list[RejectedCut], Counter]:
+    """(cuts with tokens, rejected cuts, tokens missing from the token file); a cut is
+    rejected when a supervision yields no token, or none that the token file knows."""
     kept = []
     rejected: list[RejectedCut] = []
-    unknown = Counter()
+    unknown: Counter = Counter()
     for cut in cuts:
         if not cut.supervisions:
             rejected.append(_reject(cut, "cut has no supervision", ""))
@@ -151,7 +135,37 @@ def prepare_tokens(
             rejected.append(problem)
         else:
             kept.append(fastcopy(cut, supervisions=new_sups))
+    return kept, rejected, unknown
 
+
+def prepare_tokens(
+    input_file: str | os.PathLike,
+    output_file: str | os.PathLike,
+    tokenizer: str = "japanese",
+    lang: str = "en-us",
+    token_file: str | os.PathLike | None = None,
+    num_jobs: int = 1,
+    on_error: str = "fail",
+    overwrite: bool = False,
+) -> TokenizedManifest:
+    """Write `output_file`: the input cuts with `tokens` on every supervision."""
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    input_file, output_file = Path(input_file), Path(output_file)
+    _check_paths(input_file, output_file, overwrite)
+
+    tok = get_tokenizer(tokenizer, token_file=token_file, lang=lang)
+    if hasattr(tok, "num_workers"):
+        tok.num_workers = max(1, num_jobs)  # the Japanese front-end runs its own process pool
+    known = getattr(tok, "token2id", None)
+
+    logger.info("Loading %s", input_file)
+    cuts = list(CutSet.from_file(input_file))
+    texts = [sup.text or "" for cut in cuts for sup in cut.supervisions]
+    logger.info("Tokenising %d texts with the %s tokenizer", len(texts), tokenizer)
+    all_tokens = iter(tok.texts_to_tokens(texts))
+
+    kept, rejected, unknown = _tokenize_cuts(cuts, all_tokens, known, token_file)
     if unknown:
         shown = ", ".join(f"{t!r} x{n}" for t, n in unknown.most_common(20))
         logger.warning(

@@ -1,7 +1,7 @@
 """Text front ends: text -> tokens -> ids.
 
 `japanese` carries pitch accent (ESPnet's "prosody" marks from OpenJTalk full-context labels,
-see docs/japanese-prosody.md) so that adapters can learn it; `emilia` / `espeak` are the
+see docs/japanese.md) so that adapters can learn it; `emilia` / `espeak` are the
 pretrained model's own Chinese/English front ends; `simple` splits characters.
 """
 
@@ -134,7 +134,7 @@ def _int_or_none(value: str) -> int | None:
 
 
 def labels_to_prosody_tokens(labels: Sequence[str]) -> list[str]:
-    """Phonemes with ESPnet prosody marks, following docs/japanese-prosody.md rule by rule."""
+    """Phonemes with ESPnet prosody marks, following the marks of docs/japanese.md."""
     parsed = []
     for label in labels:
         match = _LABEL_RE.search(label)

@@ -1,7 +1,7 @@
 """TTSZipformer: the Zipformer2 variant used as ZipVoice's text encoder and flow-matching decoder.
 
-Module names and shapes follow the published checkpoints exactly (see
-docs/zipvoice-reference.md). Everything works in (T, B, C) internally. The eval-mode forward
+Module names and shapes follow the published checkpoints exactly (see "The model" in
+docs/architecture.md). Everything works in (T, B, C) internally. The eval-mode forward
 is plain tensor arithmetic with shapes derived from the input, so the model can be traced
 and exported to ONNX with dynamic batch and time.
 """

@@ -9,12 +9,13 @@ scale is doubled): v = (1+g)*v_cond - g*v_uncond. ZipVoice-Distill takes g as an
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from zipvoice.utils.onnx_export import (
+from zipvoice.onnx.export import (
     FM_DECODER_FILE,
     TEXT_ENCODER_FILE,
     TOKENS_FILE,
@@ -74,9 +75,6 @@ class OnnxZipVoice:
             raise OnnxModelError(f"{self.model_dir}: decoder inputs do not fit {self.model_type}")
         vocoder_path = self.model_dir / VOCODER_FILE
         self.vocoder = _session(vocoder_path, num_thread) if vocoder_path.is_file() else None
-
-    def default(self, key: str) -> float:
-        return float(self.metadata[key])
 
     def text_condition(
         self, tokens: list[int], prompt_tokens: list[int], prompt_features_len: int, speed: float
@@ -189,6 +187,32 @@ class OnnxZipVoice:
             )
             x = x + v * (steps[k + 1] - steps[k])
         return [x[i, prompt_len : lengths[i]].T.copy() for i in range(n)]
+
+    def sampler(
+        self,
+        num_step: int,
+        guidance_scale: float,
+        t_shift: float = 0.5,
+        speed: float = 1.0,
+        seed: int = 0,
+    ) -> Callable[[list[list[int]], list[int], np.ndarray], list[np.ndarray]]:
+        """`sample` with fixed settings and a seeded generator: the generation pipeline's
+        SampleFn (zipvoice.inference.generation)."""
+        rng = np.random.default_rng(seed)
+
+        def sample(batch: list[list[int]], prompt_ids: list[int], prompt_features: np.ndarray):
+            return self.sample(
+                batch,
+                prompt_ids,
+                prompt_features,
+                num_step=num_step,
+                guidance_scale=guidance_scale,
+                t_shift=t_shift,
+                speed=speed,
+                rng=rng,
+            )
+
+        return sample
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         if self.vocoder is None:

@@ -274,6 +274,34 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+def export_metadata(
+    tokenizer: str,
+    lang: str,
+    checkpoint_name: str,
+    lora_path: str | Path | None = None,
+    lora_scale: float = 1.0,
+    adapter_meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What an export records beyond the model itself: the text front end the runtime uses,
+    and which checkpoint and merged adapter it came from (provenance for whoever ships it)."""
+    metadata: dict[str, Any] = {
+        "tokenizer": tokenizer,
+        "lang": lang,
+        "checkpoint": Path(checkpoint_name).name,
+    }
+    if lora_path is not None:
+        adapter_meta = adapter_meta or {}
+        metadata.update(
+            {
+                "lora_merged": "1",
+                "lora_scale": str(lora_scale),
+                "lora_base_fingerprint": str(adapter_meta.get("base_fingerprint", "")),
+                "lora": adapter_meta.get("lora", {}),
+            }
+        )
+    return metadata
+
+
 def export_model(
     model: nn.Module,
     out_dir: str | Path,
@@ -301,22 +329,13 @@ def export_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kind = "zipvoice_distill" if distill else "zipvoice"
+    # What the runtime reads (model_type, feat_dim; tokenizer and lang from `metadata`), plus
+    # the format version and the output rate, which describe the files to any other reader.
     meta: dict[str, Any] = {
         "version": EXPORT_FORMAT_VERSION,
         "model_type": kind,
         "feat_dim": str(model.feat_dim),
         "sample_rate": "24000",
-        "n_fft": "1024",
-        "hop_length": "256",
-        "num_mels": "100",
-        "feat_scale": "0.1",
-        "num_step": "8" if distill else "16",
-        "guidance_scale": "3.0" if distill else "1.0",
-        "t_shift": "0.5",
-        "pad_id": str(model.pad_id),
-        "vocab_size": str(model.embed.weight.shape[0]),
-        "exporter": exporter,
-        "torch_version": torch.__version__,
     }
     meta.update(
         {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}

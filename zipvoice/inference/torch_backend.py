@@ -1,0 +1,141 @@
+"""The PyTorch backend: a released model (plus an adapter folder) loaded for inference, and
+the sample/vocode functions the generation pipeline calls."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from zipvoice.inference.generation import SampleFn, VocodeFn
+
+logger = logging.getLogger(__name__)
+
+
+def model_kind(model: nn.Module) -> str:
+    from zipvoice.models.zipvoice_distill import ZipVoiceDistill
+
+    return "zipvoice_distill" if isinstance(model, ZipVoiceDistill) else "zipvoice"
+
+
+def load_base_model(
+    model_name: str,
+    model_dir: str | Path | None,
+    checkpoint_name: str,
+    token_file: str | Path | None,
+) -> tuple[nn.Module, Path, Path, str]:
+    """A released model in eval mode, read from disk once.
+
+    Returns (model, token file, checkpoint path, fingerprint of the checkpoint's state dict);
+    the fingerprint is computed from the same tensors the model was loaded from, so checking
+    an adapter against it costs no second read of model.pt.
+    """
+    from zipvoice.models.loader import build_model, load_model_config, resolve_model_dir
+    from zipvoice.models.modules.adapter_folder import fingerprint_state_dict
+    from zipvoice.tokenizer.token_file import PAD_TOKEN, read_token_file
+    from zipvoice.utils.checkpoint import load_checkpoint_state, load_model_state
+
+    folder = resolve_model_dir(model_name, model_dir, checkpoint_name=checkpoint_name)
+    checkpoint_path = folder / checkpoint_name
+    config = load_model_config(folder / "model.json")
+    token_path = Path(token_file) if token_file is not None else folder / "tokens.txt"
+    token2id = read_token_file(token_path)
+    state = load_checkpoint_state(checkpoint_path)
+    # The checkpoint itself says which model it is: only the distilled one embeds the
+    # guidance scale.
+    distill = "fm_decoder.guidance_scale_embed.weight" in state
+    model = build_model(config["model"], len(token2id), token2id[PAD_TOKEN], distill=distill)
+    load_model_state(model, state, checkpoint_path, extend_embed=True)
+    fingerprint = fingerprint_state_dict(state)
+    return model.eval(), token_path, checkpoint_path, fingerprint
+
+
+def load_model_for_inference(
+    model_name: str = "zipvoice",
+    model_dir: str | Path | None = None,
+    checkpoint_name: str = "model.pt",
+    lora_path: str | Path | None = None,
+    lora_scale: float = 1.0,
+    merge_lora: bool = True,
+    token_file: str | Path | None = None,
+) -> tuple[nn.Module, Path, dict[str, Any]]:
+    """Load a released model, optionally apply an adapter folder (fingerprint-checked).
+
+    Returns (eval-mode model, token file to use, adapter metadata or {}). With an adapter the
+    adapter's own tokens.txt is used (it may extend the vocabulary), unless ``token_file`` is
+    given.
+    """
+    from zipvoice.models.modules.adapter_folder import TOKENS_FILE, load_adapter, read_adapter_meta
+
+    meta: dict[str, Any] = {}
+    if lora_path is not None:
+        meta = read_adapter_meta(lora_path)  # fail on a broken folder before the big load
+        if token_file is None and (Path(lora_path) / TOKENS_FILE).is_file():
+            token_file = Path(lora_path) / TOKENS_FILE
+    # With an adapter the base loads with its own vocabulary; the adapter grows the embedding.
+    model, token_path, checkpoint_path, fingerprint = load_base_model(
+        model_name, model_dir, checkpoint_name, None if lora_path else token_file
+    )
+    if model_kind(model) != model_name:
+        logger.warning(
+            "--model-name is %s but %s holds a %s model; using the checkpoint's",
+            model_name,
+            checkpoint_path,
+            model_kind(model),
+        )
+    if lora_path is not None:
+        model = load_adapter(
+            model,
+            lora_path,
+            base_state_dict_fingerprint=fingerprint,
+            scale=lora_scale,
+            merge=merge_lora,
+        )
+        if token_file is not None:
+            token_path = Path(token_file)
+    model.eval()
+    return model, token_path, meta
+
+
+def torch_sampler(
+    model: nn.Module,
+    num_step: int,
+    guidance_scale: float,
+    t_shift: float = 0.5,
+    speed: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> SampleFn:
+    """A SampleFn running ``model.sample`` on one batch of chunks sharing one prompt."""
+
+    @torch.inference_mode()
+    def sample(batch: list[list[int]], prompt_ids: list[int], prompt_features: np.ndarray):
+        n = len(batch)
+        features = torch.from_numpy(prompt_features).to(device).unsqueeze(0).repeat(n, 1, 1)
+        lens = torch.full((n,), features.size(1), dtype=torch.int64, device=device)
+        pred, pred_lens, _, _ = model.sample(
+            tokens=batch,
+            prompt_tokens=[list(prompt_ids)] * n,
+            prompt_features=features,
+            prompt_features_lens=lens,
+            speed=speed,
+            t_shift=t_shift,
+            duration="predict",
+            num_step=num_step,
+            guidance_scale=guidance_scale,
+        )
+        return [pred[i, : int(pred_lens[i])].T.float().cpu().numpy() for i in range(n)]
+
+    return sample
+
+
+def torch_vocoder(vocoder: nn.Module, device: torch.device | str = "cpu") -> VocodeFn:
+    @torch.inference_mode()
+    def vocode(mel: np.ndarray) -> np.ndarray:
+        wave = vocoder.decode(torch.from_numpy(np.ascontiguousarray(mel)).to(device)[None])
+        return wave[0].float().cpu().numpy()
+
+    return vocode
