@@ -313,6 +313,25 @@ def test_pissa_adapter_is_converted_to_apply_on_the_original_base(
     assert (decoder_output(loaded, cases) - expected).abs().max() < 1e-4
 
 
+def test_a_converted_pissa_adapter_records_the_rank_it_was_saved_with(
+    model_config, base_state, tmp_path
+):
+    model = make_model(model_config, base_state)
+    config = create_lora_config(
+        rank=4, alpha=4, use_dora=False, init="pissa", target_modules=get_lora_target_modules(model)
+    )
+    apply_lora_to_model(model, config)
+    init_dir = tmp_path / "adapter-init"
+    model.fm_decoder.save_pretrained(str(init_dir))
+    perturb_adapters(model)
+    out, _ = save_to(tmp_path, model, model_config, base_state, initial_adapter_dir=init_dir)
+    peft_config = json.loads((out / "adapter_config.json").read_text())
+    meta = json.loads((out / "zipvoice_adapter.json").read_text())
+    # PEFT converts a PiSSA adapter into plain LoRA of twice the rank: both files say so.
+    assert peft_config["r"] == 8
+    assert meta["lora"]["rank"] == peft_config["r"] and meta["lora"]["init"] == "pissa"
+
+
 # ------------------------------------------------------------------ optimisers
 
 

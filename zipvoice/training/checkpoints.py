@@ -1,8 +1,14 @@
 """Checkpoints, resuming and the identity of a run (see `zipvoice.training.trainer`).
 
 A run's identity (`RUN_IDENTITY_KEYS`) is what it computes; `choose_resume_checkpoint` applies
-the `--resume` policy with it: `auto` continues a matching run, `never` refuses an exp-dir that
-holds one, a path continues that checkpoint deliberately.
+the `--resume` policy with it:
+- `auto` (default): continue from the newest checkpoint in exp-dir when its run_config.json
+  describes the same run; a different run there is refused with the list of differences.
+  Settings that only say how long or how verbosely to train (num-iters, save-every-n, logging,
+  ...) may change.
+- `never`: start from scratch; refused when exp-dir already holds checkpoints or adapters.
+- a path to a checkpoint: continue from it deliberately, even if the settings changed (shapes
+  must still fit); run_config.json is rewritten.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +109,74 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 1
+    batches_in_epoch: int = 0  # consumed from the sampler this epoch, skipped ones included
+    bad_batches: int = 0
+    best_valid_loss: float = float("inf")
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainState:
+        return cls(
+            step=int(checkpoint["step"]),
+            epoch=int(checkpoint.get("epoch", 1)),
+            batches_in_epoch=int(checkpoint.get("batches_in_epoch", 0)),
+            bad_batches=int(checkpoint.get("bad_batches", 0)),
+            best_valid_loss=float(checkpoint.get("best_valid_loss", float("inf"))),
+        )
+
+
+def save_run_adapter(
+    model: nn.Module,
+    out_dir: Path,
+    config: TrainingConfig,
+    setup: Any,
+    model_config: Mapping,
+    *,
+    step: int,
+    initial_adapter_dir: Path | None,
+) -> None:
+    """The adapter folder of this run at `step` (see zipvoice.models.modules.adapter_folder),
+    with the run's text front end and base recorded beside the adapter settings."""
+    from zipvoice.models.modules.adapter_folder import save_adapter
+
+    model_cfg = config.model
+    save_adapter(
+        model,
+        out_dir,
+        base_fingerprint=setup.base_fingerprint,
+        token_file=model_cfg.token_file,
+        model_config=model_config,
+        extra={
+            "tokenizer": model_cfg.tokenizer,
+            "lang": model_cfg.lang,
+            "base_vocab_size": setup.base_vocab_size,
+            "pad_id": setup.pad_id,
+            "base_checkpoint": str(model_cfg.checkpoint),
+            "distill": bool(model_cfg.distill),
+            "step": step,
+        },
+        initial_adapter_dir=initial_adapter_dir,
+    )
+
+
+def save_failure(exp_dir: Path, step: int, err: OSError) -> TrainingError:
+    """The error for a save that failed (a full disk): what is still intact to resume from."""
+    newest = list_checkpoints(exp_dir)
+    intact = (
+        f"the newest complete checkpoint, {newest[-1][1]}, is intact"
+        if newest
+        else "no checkpoint was written yet"
+    )
+    return TrainingError(
+        f"saving step {step} (checkpoint-{step}.pt and its adapter) in {exp_dir} "
+        f"failed: {err}. Nothing was half-written: {intact}; free some space "
+        "and rerun the same command to resume"
+    )
 
 
 def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:

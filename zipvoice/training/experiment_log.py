@@ -100,3 +100,22 @@ def setup_run_logging(exp_dir: Path, rank: int) -> logging.Handler | None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger.addHandler(handler)
     return handler
+
+
+def log_model_summary(model: Any, setup: Any, use_lora: bool) -> tuple[int, int]:
+    """Log the parameter counts (and a vocabulary extension); return (trainable, total)."""
+    from zipvoice.models.modules.lora_utils import count_parameters
+
+    trainable, total = count_parameters(model)
+    logger.info(
+        "model: %s parameters, %s trainable (%.2f%%)%s",
+        f"{total:,}",
+        f"{trainable:,}",
+        100.0 * trainable / total,
+        f"; LoRA on {len(setup.lora_targets)} decoder projections" if use_lora else "",
+    )
+    if setup.base_vocab_size and setup.vocab_size != setup.base_vocab_size:
+        logger.info(
+            "vocabulary extended from %d to %d tokens", setup.base_vocab_size, setup.vocab_size
+        )
+    return trainable, total

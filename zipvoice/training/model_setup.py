@@ -137,6 +137,20 @@ def setup_model(
     return setup
 
 
+def save_initial_adapter(model: nn.Module, exp_dir: Path, write: bool) -> Path:
+    """PiSSA/OLoRA: PEFT's snapshot of the adapter before training, which saving needs to
+    convert trained adapters back onto the original base (see adapter_folder). `write` is
+    False on other DDP ranks and when resuming (the snapshot is already there)."""
+    from zipvoice.models.modules.adapter_folder import INITIAL_ADAPTER_DIR
+    from zipvoice.utils.fileio import atomic_replace_dir
+
+    path = exp_dir / INITIAL_ADAPTER_DIR
+    if write:
+        decoder = get_peft_decoder(model)
+        atomic_replace_dir(path, lambda tmp: decoder.save_pretrained(str(tmp)))
+    return path
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """What a checkpoint must hold to restore the model: trainable weights only, plus the base
     weights that PiSSA/OLoRA rewrote (they are no longer the checkpoint's)."""

@@ -20,11 +20,8 @@ Files in `run.exp_dir`:
   `tokens.txt`) for full fine-tuning;
 - `log/`, `tensorboard/`, `wandb/`.
 
-Resuming (`run.resume`): `auto` (default) continues from the newest checkpoint in exp-dir when
-its run_config.json describes the same run, and refuses a different run there with the list of
-differences (settings that only say how long or how verbosely to train may change); `never`
-starts from scratch and refuses an exp-dir that holds a run; a checkpoint path continues from
-it deliberately, even if the settings changed (shapes must still fit).
+Resuming (`run.resume`: auto, never, or a checkpoint path) is described in
+`zipvoice.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +49,19 @@ from zipvoice.training.distributed import (
     teardown_distributed,
     unwrap_ddp,
 )
-from zipvoice.training.experiment_log import ExperimentLog, format_eta, setup_run_logging
+from zipvoice.training.experiment_log import (
+    ExperimentLog,
+    format_eta,
+    log_model_summary,
+    setup_run_logging,
+)
 from zipvoice.training.model_setup import (
     ModelSetup,
     TrainablePredicate,
     load_module_training_state,
     load_trainable_state,
     module_training_state,
+    save_initial_adapter,
     setup_model,
     trainable_state_dict,
 )
@@ -74,25 +76,6 @@ from zipvoice.training.steps import (
 from zipvoice.utils.cli import fix_random_seed
 
 logger = logging.getLogger("zipvoice.train")
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 1
-    batches_in_epoch: int = 0  # consumed from the sampler this epoch, skipped ones included
-    bad_batches: int = 0
-    best_valid_loss: float = float("inf")
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainState:
-        return cls(
-            step=int(checkpoint["step"]),
-            epoch=int(checkpoint.get("epoch", 1)),
-            batches_in_epoch=int(checkpoint.get("batches_in_epoch", 0)),
-            bad_batches=int(checkpoint.get("bad_batches", 0)),
-            best_valid_loss=float(checkpoint.get("best_valid_loss", float("inf"))),
-        )
 
 
 def run_training(
@@ -123,7 +106,7 @@ class Trainer:
         self.trainable = trainable
         self.callbacks = list(callbacks)
         self.exp_dir = Path(config.run.exp_dir)
-        self.state = TrainState()
+        self.state = ckpt.TrainState()
         self.last_loss = float("nan")
         self.experiment: ExperimentLog | None = None
 
@@ -199,7 +182,9 @@ class Trainer:
             trainable=self.trainable,
         )
         self.model: nn.Module = self.setup_result.model
-        self._log_model()
+        self.param_counts = log_model_summary(
+            self.model, self.setup_result, self.config.adapter.use_lora
+        )
         self.identity = ckpt.run_identity(
             config, self.setup_result.base_fingerprint, self.setup_result.lora_targets,
             self.model_config,
@@ -212,49 +197,18 @@ class Trainer:
             ckpt.remove_unfinished_saves(self.exp_dir)
         resume_path = broadcast_object(resume_path, self.world_size)
         checkpoint = ckpt.load_training_checkpoint(resume_path) if resume_path else None
-        self._save_initial_adapter(checkpoint is None)
+        self.initial_adapter_dir = None
+        if config.adapter.use_lora and config.adapter.lora.mutates_base_weights:
+            self.initial_adapter_dir = save_initial_adapter(
+                self.model, self.exp_dir, write=is_main(self.rank) and checkpoint is None
+            )
         if checkpoint is not None:
             load_trainable_state(self.model, checkpoint["model"], str(resume_path))
             load_module_training_state(self.model, checkpoint.get("module_state") or {})
-            self.state = TrainState.from_checkpoint(checkpoint)
+            self.state = ckpt.TrainState.from_checkpoint(checkpoint)
             logger.info("resuming from %s at step %d", resume_path, self.state.step)
         self._setup_average(checkpoint)
         return checkpoint
-
-    def _log_model(self) -> None:
-        trainable, total = _count_parameters(self.model)
-        self.param_counts = (trainable, total)
-        setup = self.setup_result
-        logger.info(
-            "model: %s parameters, %s trainable (%.2f%%)%s",
-            f"{total:,}",
-            f"{trainable:,}",
-            100.0 * trainable / total,
-            f"; LoRA on {len(setup.lora_targets)} decoder projections"
-            if self.config.adapter.use_lora
-            else "",
-        )
-        if setup.base_vocab_size and setup.vocab_size != setup.base_vocab_size:
-            logger.info(
-                "vocabulary extended from %d to %d tokens", setup.base_vocab_size, setup.vocab_size
-            )
-
-    def _save_initial_adapter(self, fresh: bool) -> None:
-        """PiSSA/OLoRA: PEFT's snapshot before training, needed to save adapters that apply to
-        the original base (see adapter_folder)."""
-        from zipvoice.models.modules.adapter_folder import INITIAL_ADAPTER_DIR
-        from zipvoice.models.modules.lora_utils import get_peft_decoder
-        from zipvoice.utils.fileio import atomic_replace_dir
-
-        self.initial_adapter_dir = None
-        if not (self.config.adapter.use_lora and self.config.adapter.lora.mutates_base_weights):
-            return
-        self.initial_adapter_dir = self.exp_dir / INITIAL_ADAPTER_DIR
-        if is_main(self.rank) and fresh:
-            decoder = get_peft_decoder(self.model)
-            atomic_replace_dir(
-                self.initial_adapter_dir, lambda tmp: decoder.save_pretrained(str(tmp))
-            )
 
     def _setup_average(self, checkpoint: dict[str, Any] | None) -> None:
         """Rank 0 keeps a float64 running average of the trainable weights."""
@@ -511,18 +465,7 @@ class Trainer:
         try:
             self._write_save_point(final)
         except OSError as err:
-            newest = ckpt.list_checkpoints(self.exp_dir)
-            intact = (
-                f"the newest complete checkpoint, {newest[-1][1]}, is intact"
-                if newest
-                else "no checkpoint was written yet"
-            )
-            step = self.state.step
-            raise TrainingError(
-                f"saving step {step} (checkpoint-{step}.pt and its adapter) in {self.exp_dir} "
-                f"failed: {err}. Nothing was half-written: {intact}; free some space "
-                "and rerun the same command to resume"
-            ) from err
+            raise ckpt.save_failure(self.exp_dir, self.state.step, err) from err
 
     def _write_save_point(self, final: bool) -> None:
         from zipvoice.models.modules.lora_utils import is_lora_model
@@ -555,37 +498,17 @@ class Trainer:
         ckpt.prune_checkpoints(self.exp_dir, self.config.run.keep_last_k)
         name = "adapter" if final else f"adapter-{state.step}"
         if is_lora_model(raw):
-            self._save_adapter(raw, self.exp_dir / name)
+            ckpt.save_run_adapter(
+                raw,
+                self.exp_dir / name,
+                self.config,
+                self.setup_result,
+                self.model_config,
+                step=state.step,
+                initial_adapter_dir=self.initial_adapter_dir,
+            )
         elif final:
             token_file = self.config.model.token_file
             ckpt.save_full_model(raw, self.exp_dir / "finetuned", token_file, self.model_config)
         adapter = f" and {name}/" if is_lora_model(raw) else ""
         logger.info("saved %s%s", checkpoint_path.name, adapter)
-
-    def _save_adapter(self, model: nn.Module, out_dir: Path) -> None:
-        from zipvoice.models.modules.adapter_folder import save_adapter
-
-        model_cfg, setup = self.config.model, self.setup_result
-        save_adapter(
-            model,
-            out_dir,
-            base_fingerprint=setup.base_fingerprint,
-            token_file=model_cfg.token_file,
-            model_config=self.model_config,
-            extra={
-                "tokenizer": model_cfg.tokenizer,
-                "lang": model_cfg.lang,
-                "base_vocab_size": setup.base_vocab_size,
-                "pad_id": setup.pad_id,
-                "base_checkpoint": str(model_cfg.checkpoint),
-                "distill": bool(model_cfg.distill),
-                "step": self.state.step,
-            },
-            initial_adapter_dir=self.initial_adapter_dir,
-        )
-
-
-def _count_parameters(model: nn.Module) -> tuple[int, int]:
-    from zipvoice.models.modules.lora_utils import count_parameters
-
-    return count_parameters(model)

@@ -1,0 +1,1 @@
+"""ONNX export (export.py) and inference on onnxruntime (runtime.py)."""
