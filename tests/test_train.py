@@ -382,3 +382,27 @@ def test_distill_checkpoint_trains_adapters_with_the_flow_matching_loss(
     assert grads and all(g is not None for g in grads)
     # The guidance-scale embedding is in the graph (fed 0), so it shapes the loss.
     assert any("guidance_scale_embed" in n for n, _ in model.named_parameters())
+
+
+def test_a_trainable_predicate_narrows_what_the_configuration_trains(
+    japanese_fbank_manifests, tmp_path
+):
+    from zipvoice.tokenizer.tokenizer import get_tokenizer
+
+    config = user_config(japanese_fbank_manifests, tmp_path)
+    tokenizer = get_tokenizer("japanese", config.model.token_file)
+    model_json = json.loads(Path(config.model.model_config).read_text())
+
+    def trains(trainable=None) -> set[str]:
+        setup = setup_model(
+            config, tokenizer.vocab_size, tokenizer.pad_id, model_json, trainable=trainable
+        )
+        return {n for n, p in setup.model.named_parameters() if p.requires_grad}
+
+    default = trains()
+    assert any(n.startswith("text_encoder.") for n in default)
+    narrowed = trains(lambda name: not name.startswith("text_encoder."))
+    assert narrowed == {n for n in default if not n.startswith("text_encoder.")}
+    assert any("lora_" in n for n in narrowed) and "embed.weight" in narrowed
+    # Narrowing only: a predicate that accepts everything cannot unfreeze the base decoder.
+    assert trains(lambda name: True) == default

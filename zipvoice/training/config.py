@@ -209,6 +209,10 @@ class TrainingConfig:
             raise ValueError("--max-bad-batches must not be negative")
         if self.adapter.use_lora:
             self.adapter.lora.validate()
+            if not self.model.checkpoint:
+                raise TrainingError(
+                    "--use-lora 1 needs the pretrained base model: pass --checkpoint"
+                )
         for name in ("model_config", "token_file", "checkpoint"):
             value = getattr(self.model, name)
             if name == "checkpoint" and not value:
