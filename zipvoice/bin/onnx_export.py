@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
+from zipvoice.utils.folders import refuse_output_inside_inputs
 from zipvoice.utils.infer import (
     add_model_arguments,
     load_model_from_args,
@@ -55,6 +56,8 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
+    inputs = {"--model-dir": args.model_dir, "--lora-path": args.lora_path}
+    refuse_output_inside_inputs("--onnx-model-dir", args.onnx_model_dir, inputs)
     # Gradients off for this call only: main() also runs in-process (the demo, tests).
     with torch.no_grad():
         model, token_file, meta = load_model_from_args(args)

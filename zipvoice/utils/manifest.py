@@ -249,7 +249,8 @@ def verify_folder(
     Raises ManifestError naming the first odd file: listed but missing, of another size or
     sha256, or (complete folders) present but not listed. `hashes`: True hashes every file,
     False none, "auto" those not yet verified in this version (see the module docstring).
-    `only` restricts the size and hash checks to some listed files (the stray check stays).
+    `only` restricts the checks to some listed files, the ones a reader is about to use (a
+    model loader reads model.pt, model.json and tokens.txt); strays are then not looked for.
     None takes the mode from `default_hash_mode()`.
     """
     folder = Path(folder)
@@ -260,7 +261,7 @@ def verify_folder(
         return None
     what = _WHAT.get(str(manifest.get("kind")), "this folder")
     listed: dict[str, dict[str, Any]] = manifest["files"]
-    if manifest.get("complete", True):
+    if manifest.get("complete", True) and only is None:
         strays = sorted(set(folder_files(folder, str(manifest.get("kind")))) - set(listed))
         if strays:
             more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
@@ -301,6 +302,6 @@ def verify_folder(
 
 def verify_file(path: str | os.PathLike, *, hashes: HashMode | None = None) -> Verified | None:
     """`verify_folder` for one file given on its own (e.g. `--checkpoint dir/model.pt`): its
-    folder's manifest, this file's entry only (plus the stray check of complete folders)."""
+    folder's manifest, this file's entry only (nothing when the manifest does not list it)."""
     path = Path(path)
     return verify_folder(path.parent, hashes=hashes, only=[path.name])

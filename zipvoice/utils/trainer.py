@@ -515,6 +515,9 @@ def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    from zipvoice.utils.manifest import verify_file
+
+    verify_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -722,16 +725,21 @@ def run_training(
     `stop_after_step` ends the run right after that step as if it were killed (no final save):
     a test hook for resuming.
     """
+    from zipvoice.utils.lock import FolderLock
+    from zipvoice.utils.resources import check_port_free
+
     validate_args(args)
-    if args.world_size > 1:
-        mp.spawn(
-            _train_worker,
-            args=(args.world_size, args, stop_after_step),
-            nprocs=args.world_size,
-            join=True,
-        )
-        return None
-    return _train_worker(0, 1, args, stop_after_step)
+    with FolderLock(args.exp_dir, "training run"):
+        if args.world_size > 1:
+            check_port_free(args.master_port, os.environ.get("MASTER_ADDR", "localhost"))
+            mp.spawn(
+                _train_worker,
+                args=(args.world_size, args, stop_after_step),
+                nprocs=args.world_size,
+                join=True,
+            )
+            return None
+        return _train_worker(0, 1, args, stop_after_step)
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -757,6 +765,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--forgetting-manifest {args.forgetting_manifest} not found")
     if args.max_bad_batches < 0:
         raise ValueError("--max-bad-batches must not be negative")
+    from zipvoice.utils.folders import refuse_output_inside_inputs
+    from zipvoice.utils.manifest import verify_file
+
+    refuse_output_inside_inputs("--exp-dir", args.exp_dir, {"--checkpoint": args.checkpoint})
+    if args.checkpoint:
+        verify_file(args.checkpoint)
 
 
 def _setup_logging(exp_dir: Path, rank: int) -> logging.Handler | None:
@@ -856,12 +870,16 @@ def _train(
     opened: list[ExperimentLog],
 ) -> nn.Module:
     from zipvoice.dataset.datamodule import TtsDataModule
+    from zipvoice.tokenizer.coverage import check_token_coverage
     from zipvoice.tokenizer.tokenizer import get_tokenizer
     from zipvoice.utils.checkpoint import save_checkpoint
+    from zipvoice.utils.manifest import write_manifest
+    from zipvoice.utils.resources import write_failure
 
     fix_random_seed(args.seed)
     model_config = load_model_config(args.model_config)
     tokenizer = get_tokenizer(args.tokenizer, args.token_file, args.lang)
+    check_token_coverage(tokenizer, args.tokenizer, args.token_file)
     vocab_size, pad_id = tokenizer.vocab_size, tokenizer.pad_id
     setup = setup_model(args, vocab_size, pad_id, model_config)
     model = setup.model
@@ -992,7 +1010,10 @@ def _train(
         that says which checkpoint is still intact to resume from."""
         try:
             write_save_point(final)
-        except OSError as err:
+        except (OSError, RuntimeError) as raw_err:
+            err = write_failure(raw_err, exp_dir)
+            if err is None:
+                raise
             newest = list_checkpoints(exp_dir)
             intact = (
                 f"the newest complete checkpoint, {newest[-1][1]}, is intact"
@@ -1050,6 +1071,9 @@ def _train(
             )
         elif final:
             _save_full_model(raw, exp_dir / "finetuned", args, model_config)
+        run_files = [p for _, p in list_checkpoints(exp_dir)]
+        run_files += [exp_dir / "model.json", exp_dir / "tokens.txt"]
+        write_manifest(exp_dir, "exp-dir", base_fingerprint=setup.base_fingerprint, files=run_files)
         logger.info(
             "saved %s%s", checkpoint_path.name, f" and {name}/" if is_lora_model(raw) else ""
         )
@@ -1215,9 +1239,11 @@ def _save_full_model(
 ) -> None:
     """A released-format folder (model.pt, model.json, tokens.txt) from full fine-tuning."""
     from zipvoice.utils.checkpoint import save_checkpoint
+    from zipvoice.utils.manifest import write_manifest
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint({"model": state}, out_dir / "model.pt")
     atomic_write_json(out_dir / "model.json", dict(model_config))
     atomic_copy(args.token_file, out_dir / "tokens.txt")
+    write_manifest(out_dir, "model", base_fingerprint=fingerprint_state_dict(state))
