@@ -56,7 +56,11 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
-    inputs = {"--model-dir": args.model_dir, "--lora-path": args.lora_path}
+    inputs = {
+        "--model-dir": args.model_dir,
+        "--lora-path": args.lora_path,
+        "--vocoder-path": args.vocoder_path,
+    }
     refuse_output_inside_inputs("--onnx-model-dir", args.onnx_model_dir, inputs)
     # Gradients off for this call only: main() also runs in-process (the demo, tests).
     with torch.no_grad():
