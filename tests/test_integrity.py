@@ -23,8 +23,8 @@ import torch
 
 from tests.conftest import PARITY
 from tests.helpers import make_adapter
-from zipvoice.bin import onnx_export, verify_folder
-from zipvoice.bin import train_zipvoice
+from zipvoice.bin import onnx_export, train_zipvoice
+from zipvoice.bin import verify_folder as verify_cli
 from zipvoice.models.loader import load_pretrained
 from zipvoice.tokenizer.coverage import TokenCoverageError, check_token_coverage
 from zipvoice.tokenizer.token_file import extend_token_file, read_token_file, write_token_file
@@ -37,7 +37,7 @@ from zipvoice.utils.manifest import (
     MANIFEST_FILE,
     ManifestError,
     read_manifest,
-    verify_folder as verify,
+    verify_folder,
     write_manifest,
 )
 from zipvoice.utils.onnx_export import export_model
@@ -63,8 +63,9 @@ def copy_model_dir(folder: Path, variant: str = "zipvoice") -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-            if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -76,8 +77,9 @@ def flip_byte(path: Path, offset: int) -> None:
 def tensor_data_offset(model_pt: Path) -> int:
     """An offset inside the bytes of the largest tensor stored in a torch zip checkpoint."""
     with zipfile.ZipFile(model_pt) as archive:
-        info = max((i for i in archive.infolist() if "/data/" in i.filename),
-                   key=lambda i: i.file_size)
+        info = max(
+            (i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
+        )
     with open(model_pt, "rb") as f:
         f.seek(info.header_offset + 26)
         name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
@@ -99,28 +101,28 @@ def test_manifest_lists_files_and_readers_name_the_odd_one(tmp_path):
     assert manifest["files"]["a.bin"]["size"] == 100
     assert manifest["base_model"]["state_dict_sha256"] == "f" * 64
     assert manifest["producer"]["command"] == "test"
-    assert verify(folder).hashed == 2
-    assert verify(folder).cached == 2  # the first successful check is remembered
+    assert verify_folder(folder).hashed == 2
+    assert verify_folder(folder).cached == 2  # the first successful check is remembered
 
     (folder / "text_encoder_int8.onnx").write_bytes(b"stale")
     with pytest.raises(ManifestError, match=r"text_encoder_int8\.onnx in .*\(not listed"):
-        verify(folder)
+        verify_folder(folder)
     (folder / "text_encoder_int8.onnx").unlink()
     (folder / "sub" / "b.txt").write_text("hello!")
     with pytest.raises(ManifestError, match=r"sub/b\.txt in .*does not belong to this export"):
-        verify(folder, hashes=False)  # sizes are always compared
+        verify_folder(folder, hashes=False)  # sizes are always compared
     (folder / "sub" / "b.txt").write_text("jello")  # same size, other bytes
-    assert verify(folder, hashes=False) is not None
+    assert verify_folder(folder, hashes=False) is not None
     with pytest.raises(ManifestError, match=r"sub/b\.txt .*sha256"):
-        verify(folder)  # changed mtime: the cache entry no longer applies
+        verify_folder(folder)  # changed mtime: the cache entry no longer applies
     (folder / "a.bin").unlink()
     with pytest.raises(ManifestError, match=r"lacks a\.bin"):
-        verify(folder, only=["a.bin"])
+        verify_folder(folder, only=["a.bin"])
 
 
 def test_folder_without_manifest_loads_and_exp_dir_allows_unlisted_files(tmp_path):
     plain = copy_model_dir(tmp_path / "hub")
-    assert verify(plain) is None
+    assert verify_folder(plain) is None
     model, *_ = load_pretrained("zipvoice", plain)  # a hub download: no manifest, no error
     assert model is not None
     exp = tmp_path / "exp"
@@ -130,20 +132,20 @@ def test_folder_without_manifest_loads_and_exp_dir_allows_unlisted_files(tmp_pat
     (exp / "checkpoint-4.pt").write_bytes(b"y" * 10)  # a save after the manifest
     (exp / "log").mkdir()
     (exp / "log" / "log-train.txt").write_text("step 1")
-    assert verify(exp).hashed == 1
+    assert verify_folder(exp).hashed == 1
 
 
 def test_verify_folder_command_reports_damage_naming_the_file(tmp_path, capsys):
     folder = copy_model_dir(tmp_path / "model")
     write_manifest(folder, "model")
-    assert verify_folder.main([str(folder), str(tmp_path)]) == 0
+    assert verify_cli.main([str(folder), str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ok (model, 3 files" in out and "no manifest" in out
     flip_byte(folder / "model.pt", tensor_data_offset(folder / "model.pt"))
-    assert verify_folder.main([str(folder)]) == 1
+    assert verify_cli.main([str(folder)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.pt in" in err and "sha256" in err
-    assert verify_folder.main(["--require-manifest", "1", str(tmp_path)]) == 1
+    assert verify_cli.main(["--require-manifest", "1", str(tmp_path)]) == 1
 
 
 def test_bit_flip_in_a_model_weight_is_detected_on_first_use(tmp_path):
@@ -200,8 +202,11 @@ def test_onnx_folder_with_a_file_of_another_export_is_refused(exports, tmp_path)
     mixed = tmp_path / "mixed"
     shutil.copytree(exports["zipvoice"], mixed)
     shutil.copyfile(exports["distill"] / "fm_decoder.onnx", mixed / "fm_decoder.onnx")
-    with pytest.raises(ManifestError, match=r"fm_decoder\.onnx in .* does not belong to this "
-                       r"export \(its size"):
+    with pytest.raises(
+        ManifestError,
+        match=r"fm_decoder\.onnx in .* does not belong to this "
+        r"export \(its size",
+    ):
         OnnxZipVoice(mixed)
 
 
@@ -225,3 +230,193 @@ def test_bit_flip_in_an_onnx_weight_is_detected(exports, tmp_path):
     flip_byte(path, path.stat().st_size // 2)
     with pytest.raises(ManifestError, match=r"fm_decoder\.onnx in .*sha256"):
         OnnxZipVoice(folder)
+
+
+# ------------------------------------------------------------------ outputs vs inputs
+
+
+def train_argv(exp_dir: Path, checkpoint: Path, **overrides: object) -> list[str]:
+    """A small training command; the refusals tested here come before any data is read."""
+    flags: dict[str, object] = {
+        "world-size": 1,
+        "checkpoint": checkpoint,
+        "model-config": checkpoint.parent / "model.json",
+        "token-file": checkpoint.parent / "tokens.txt",
+        "tokenizer": "simple",
+        "use-lora": 1,
+        "num-iters": 2,
+        "train-manifest": exp_dir.parent / "missing_cuts_train.jsonl.gz",
+        "dev-manifest": exp_dir.parent / "missing_cuts_dev.jsonl.gz",
+        "exp-dir": exp_dir,
+        "num-workers": 0,
+        "tensorboard": 0,
+    }
+    flags.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return [arg for key, value in flags.items() for arg in (f"--{key}", str(value))]
+
+
+def test_train_into_the_pretrained_model_folder_is_refused_unchanged(tmp_path, caplog):
+    base = copy_model_dir(tmp_path / "zipvoice")
+    (tmp_path / "tokens_ja.txt").write_text("_\t0\na\t1\n")
+    before = snapshot(base)
+    argv = train_argv(base, base / "model.pt", token_file=tmp_path / "tokens_ja.txt")
+    assert train_zipvoice.main(argv) == 1
+    assert "--exp-dir" in caplog.text and "is the input folder" in caplog.text
+    assert snapshot(base) == before
+    assert sorted(p.name for p in base.iterdir()) == ["model.json", "model.pt", "tokens.txt"]
+
+
+def test_onnx_export_into_the_model_folder_is_refused_unchanged(tmp_path, capsys):
+    base = copy_model_dir(tmp_path / "zipvoice")
+    before = snapshot(base)
+    for out in (base, base / "onnx"):
+        assert onnx_export.main(["--model-dir", str(base), "--onnx-model-dir", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --onnx-model-dir") and "\n" not in err
+        assert snapshot(base) == before
+    assert not (base / "onnx").exists()
+
+
+def test_output_folder_rule(tmp_path):
+    model = copy_model_dir(tmp_path / "model")
+    (tmp_path / "link").symlink_to(model)
+    refuse_output_inside_inputs("--exp-dir", tmp_path / "exp", {"--checkpoint": model / "model.pt"})
+    refuse_output_inside_inputs("--exp-dir", tmp_path, {"--checkpoint": model / "model.pt"})
+    refuse_output_inside_inputs("--exp-dir", model, {"--lora-path": None})
+    with pytest.raises(OutputInsideInputError, match="--exp-dir .* is the input folder"):
+        refuse_output_inside_inputs("--exp-dir", tmp_path / "link", {"--model-dir": model})
+    with pytest.raises(OutputInsideInputError, match="lies inside the input folder"):
+        refuse_output_inside_inputs("--out", model / "a" / "b", {"--model-dir": tmp_path / "link"})
+
+
+# ------------------------------------------------------------------ one run per folder
+
+HOLD_LOCK = (
+    "import sys; from zipvoice.utils.lock import FolderLock; "
+    "FolderLock(sys.argv[1], 'training run').acquire(); print('locked', flush=True); "
+    "sys.stdin.readline()"
+)
+
+
+def test_second_run_names_the_first_and_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
+    exp = tmp_path / "exp"
+    base = copy_model_dir(tmp_path / "zipvoice")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(exp)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "zipvoice.bin.train_zipvoice",
+                *train_argv(exp, base / "model.pt"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert second.returncode == 1
+        errors = [line for line in second.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1, second.stderr
+        assert f"is in use by another training run: PID {first.pid} on " in errors[0]
+        assert "started 20" in errors[0]
+        assert not list(exp.glob("checkpoint-*")) and not (exp / "log").exists()
+        with pytest.raises(FolderLockedError, match=f"PID {first.pid}"):
+            FolderLock(exp).acquire()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with caplog.at_level("WARNING"), FolderLock(exp, "training run") as lock:
+        assert json.loads((exp / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert lock.path == exp / LOCK_FILE
+    assert f"taking over the lock of a run that ended without releasing it (PID {first.pid}" in (
+        caplog.text
+    )
+    assert (exp / LOCK_FILE).read_text() == ""  # released cleanly: nothing to take over
+    with FolderLock(exp):
+        pass
+
+
+# ------------------------------------------------------------------ token-file coverage
+
+
+def test_token_file_missing_accent_marks_is_refused_listing_them(tmp_path):
+    english = PARITY / "tokens.txt"
+    tokenizer = get_tokenizer("japanese", english)
+    with pytest.raises(TokenCoverageError) as caught:
+        check_token_coverage(tokenizer, "japanese", english)
+    message = str(caught.value)
+    listed = message.split("emits: ", 1)[1].split(";", 1)[0].split()
+    missing_marks = [m for m in JAPANESE_MARKS if m not in read_token_file(english)]
+    assert missing_marks and set(missing_marks) <= set(listed)
+    assert "prepare_token_file --tokenizer japanese" in message
+    covering = tmp_path / "tokens_ja.txt"
+    write_token_file(covering, extend_token_file(read_token_file(english), tokenizer.symbols()))
+    assert check_token_coverage(get_tokenizer("japanese", covering), "japanese", covering) == []
+    assert check_token_coverage(get_tokenizer("simple", english), "simple", english) == []
+
+
+def test_training_with_an_uncovering_token_file_stops_before_any_step(tmp_path, caplog):
+    base = copy_model_dir(tmp_path / "zipvoice")
+    exp = tmp_path / "exp"
+    assert train_zipvoice.main(train_argv(exp, base / "model.pt", tokenizer="japanese")) == 1
+    assert "lacks" in caplog.text and " [ ] " in caplog.text.replace("#", " ")
+    assert not list(exp.glob("checkpoint-*"))
+
+
+# ------------------------------------------------------------------ disk and port
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB tmpfs (root only), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_torch_save_on_a_full_disk_becomes_a_disk_full_error(tiny_disk):
+    from zipvoice.utils.checkpoint import save_checkpoint
+
+    (tiny_disk / "exp").mkdir()
+    target = tiny_disk / "exp" / "checkpoint-2.pt"
+    with pytest.raises((RuntimeError, OSError)) as caught:
+        save_checkpoint({"model": {"w": torch.zeros(1 << 19)}}, target)  # 2 MiB
+    failure = write_failure(caught.value, target.parent)
+    assert isinstance(failure, OSError) and failure.errno == errno.ENOSPC
+    assert "no space left" in str(failure).lower() and str(target.parent) in str(failure)
+    assert "\n" not in str(failure)
+    assert list((tiny_disk / "exp").iterdir()) == []  # no half-written checkpoint
+    assert write_failure(RuntimeError("a bug"), target.parent) is None
+
+
+def test_busy_master_port_is_one_line_naming_it(tmp_path, caplog):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"--master-port {port} is in use"):
+            check_port_free(port, "127.0.0.1")
+        base = copy_model_dir(tmp_path / "zipvoice")
+        argv = train_argv(tmp_path / "exp", base / "model.pt", world_size=2, master_port=port)
+        assert train_zipvoice.main(argv) == 1
+        assert f"error: --master-port {port} is in use" in caplog.text
+    check_port_free(port, "127.0.0.1")
