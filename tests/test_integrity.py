@@ -105,11 +105,11 @@ def test_manifest_lists_files_and_readers_name_the_odd_one(tmp_path):
     assert verify_folder(folder).cached == 2  # the first successful check is remembered
 
     (folder / "text_encoder_int8.onnx").write_bytes(b"stale")
-    with pytest.raises(ManifestError, match=r"text_encoder_int8\.onnx in .*\(not listed"):
+    with pytest.raises(ManifestError, match=r"text_encoder_int8\.onnx .*\(not listed"):
         verify_folder(folder)
     (folder / "text_encoder_int8.onnx").unlink()
     (folder / "sub" / "b.txt").write_text("hello!")
-    with pytest.raises(ManifestError, match=r"sub/b\.txt in .*does not belong to this export"):
+    with pytest.raises(ManifestError, match=r"sub/b\.txt .*does not belong to this export"):
         verify_folder(folder, hashes=False)  # sizes are always compared
     (folder / "sub" / "b.txt").write_text("jello")  # same size, other bytes
     assert verify_folder(folder, hashes=False) is not None
@@ -144,7 +144,7 @@ def test_verify_folder_command_reports_damage_naming_the_file(tmp_path, capsys):
     flip_byte(folder / "model.pt", tensor_data_offset(folder / "model.pt"))
     assert verify_cli.main([str(folder)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "model.pt in" in err and "sha256" in err
+    assert err.count("\n") == 0 and "model.pt does not belong" in err and "sha256" in err
     assert verify_cli.main(["--require-manifest", "1", str(tmp_path)]) == 1
 
 
@@ -155,7 +155,7 @@ def test_bit_flip_in_a_model_weight_is_detected_on_first_use(tmp_path):
     offset = tensor_data_offset(folder / "model.pt")
     flip_byte(folder / "model.pt", offset)
     torch.load(folder / "model.pt", weights_only=True)  # torch itself does not notice
-    with pytest.raises(ManifestError, match=r"model\.pt in .*this model folder.*sha256"):
+    with pytest.raises(ManifestError, match=r"model\.pt .*this model folder.*sha256"):
         load_pretrained("zipvoice", folder)
 
 
@@ -166,7 +166,7 @@ def test_bit_flip_in_adapter_weights_is_detected(tmp_path):
     read_adapter_meta(adapter)
     weights = adapter / "adapter_model.safetensors"
     flip_byte(weights, weights.stat().st_size - 3)  # inside the last tensor's bytes
-    with pytest.raises(ManifestError, match=r"adapter_model\.safetensors in .*this adapter"):
+    with pytest.raises(ManifestError, match=r"adapter_model\.safetensors .*this adapter"):
         read_adapter_meta(adapter)
 
 
@@ -203,9 +203,7 @@ def test_onnx_folder_with_a_file_of_another_export_is_refused(exports, tmp_path)
     shutil.copytree(exports["zipvoice"], mixed)
     shutil.copyfile(exports["distill"] / "fm_decoder.onnx", mixed / "fm_decoder.onnx")
     with pytest.raises(
-        ManifestError,
-        match=r"fm_decoder\.onnx in .* does not belong to this "
-        r"export \(its size",
+        ManifestError, match=r"mixed/fm_decoder\.onnx does not belong to this export"
     ):
         OnnxZipVoice(mixed)
 
@@ -218,7 +216,7 @@ def test_export_over_another_models_export_leaves_a_folder_that_is_refused(expor
     model, _, token_file, _ = load_pretrained("zipvoice", copy_model_dir(tmp_path / "d", "distill"))
     with torch.no_grad():
         export_model(model, folder, token_file, int8=False)
-    with pytest.raises(ManifestError, match=r"_int8\.onnx.* in .*\(not listed"):
+    with pytest.raises(ManifestError, match=r"_int8\.onnx.* \(not listed"):
         OnnxZipVoice(folder, int8=True)
 
 
@@ -228,7 +226,7 @@ def test_bit_flip_in_an_onnx_weight_is_detected(exports, tmp_path):
     OnnxZipVoice(folder)
     path = folder / "fm_decoder.onnx"
     flip_byte(path, path.stat().st_size // 2)
-    with pytest.raises(ManifestError, match=r"fm_decoder\.onnx in .*sha256"):
+    with pytest.raises(ManifestError, match=r"fm_decoder\.onnx .*sha256"):
         OnnxZipVoice(folder)
 
 
@@ -282,6 +280,9 @@ def test_output_folder_rule(tmp_path):
     (tmp_path / "link").symlink_to(model)
     refuse_output_inside_inputs("--exp-dir", tmp_path / "exp", {"--checkpoint": model / "model.pt"})
     refuse_output_inside_inputs("--exp-dir", tmp_path, {"--checkpoint": model / "model.pt"})
+    refuse_output_inside_inputs("--exp-dir", model / "ft", {"--checkpoint": model / "model.pt"})
+    with pytest.raises(OutputInsideInputError, match="is the input folder"):
+        refuse_output_inside_inputs("--exp-dir", model, {"--checkpoint": model / "model.pt"})
     refuse_output_inside_inputs("--exp-dir", model, {"--lora-path": None})
     with pytest.raises(OutputInsideInputError, match="--exp-dir .* is the input folder"):
         refuse_output_inside_inputs("--exp-dir", tmp_path / "link", {"--model-dir": model})

@@ -31,20 +31,22 @@ def refuse_output_inside_inputs(
     """Raise OutputInsideInputError when `output_dir` is, or lies inside, one of `inputs`.
 
     `inputs` maps each input flag to a folder, or to a file standing for its folder (a
-    `--checkpoint dir/model.pt` reads the released model folder `dir`); None entries (flags not
-    given) are skipped. Paths are compared after resolving symlinks, so a link to the model
-    folder is caught too. An input folder inside the output is allowed: writing `exp/` does
-    not touch `exp/base/`'s files unless one is named by the output, which the per-file check
-    covers.
+    `--checkpoint dir/model.pt` reads the released model folder `dir`, whose tokens.txt and
+    model.json an output there would replace); None entries (flags not given) are skipped.
+    An input folder refuses outputs anywhere inside it; a file's folder only as the output
+    itself, since `model.pt` in the working folder with `--exp-dir exp/ft` is common and
+    harmless. Paths are compared after resolving symlinks, so a link to the model folder is
+    caught too. An input folder inside the output is allowed: writing `exp/` does not touch
+    `exp/base/`'s files unless one is named by the output, which the per-file check covers.
     """
     out = Path(output_dir).expanduser().resolve()
     for flag, value in inputs.items():
         if value is None or value == "":
             continue
         given = Path(value).expanduser()
-        folder = given if given.is_dir() or not given.suffix else given.parent
-        folder = folder.resolve()
-        if _inside(out, folder):
+        is_folder = given.is_dir() or (not given.exists() and not given.suffix)
+        folder = (given if is_folder else given.parent).resolve()
+        if out == folder or (is_folder and _inside(out, folder)):
             where = "is" if out == folder else "lies inside"
             raise OutputInsideInputError(
                 f"{output_flag} {output_dir} {where} the input folder {folder} ({flag} "

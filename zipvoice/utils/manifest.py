@@ -222,7 +222,7 @@ def _cache_key(path: Path, stat: os.stat_result) -> str:
 
 def _mismatch(folder: Path, name: str, what: str, detail: str) -> ManifestError:
     return ManifestError(
-        f"{name} in {folder} does not belong to {what} ({detail} {MANIFEST_FILE} lists): "
+        f"{folder / name} does not belong to {what} ({detail} {MANIFEST_FILE} lists): "
         "the file was damaged or replaced; restore it or write the folder again"
     )
 
@@ -266,7 +266,7 @@ def verify_folder(
         if strays:
             more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
             raise ManifestError(
-                f"{strays[0]}{more} in {folder} does not belong to {what} (not listed in "
+                f"{folder / strays[0]}{more} does not belong to {what} (not listed in "
                 f"{MANIFEST_FILE}): the folder mixes files of two writes; remove the stray "
                 "files or write the folder anew"
             )
