@@ -108,6 +108,8 @@ def test_manifest_lists_files_and_readers_name_the_odd_one(tmp_path):
     with pytest.raises(ManifestError, match=r"text_encoder_int8\.onnx .*\(not listed"):
         verify_folder(folder)
     (folder / "text_encoder_int8.onnx").unlink()
+    (folder / "result.wav").write_bytes(b"RIFF")  # the user's output, not part of a model
+    assert verify_folder(folder) is not None
     (folder / "sub" / "b.txt").write_text("hello!")
     with pytest.raises(ManifestError, match=r"sub/b\.txt .*does not belong to this export"):
         verify_folder(folder, hashes=False)  # sizes are always compared

@@ -52,6 +52,9 @@ _WHAT = {
     "onnx": "this export",
 }
 HashMode = bool | Literal["auto"]
+# Unlisted files that a reader could pick up (weights, graphs, configs, token files) make a
+# complete folder mixed; others (a result.wav, notes.md) are the user's and are left alone.
+_LOADABLE_SUFFIXES = frozenset({".onnx", ".data", ".pt", ".safetensors", ".bin", ".json", ".txt"})
 
 
 class ManifestError(ValueError):
@@ -262,7 +265,8 @@ def verify_folder(
     what = _WHAT.get(str(manifest.get("kind")), "this folder")
     listed: dict[str, dict[str, Any]] = manifest["files"]
     if manifest.get("complete", True) and only is None:
-        strays = sorted(set(folder_files(folder, str(manifest.get("kind")))) - set(listed))
+        unlisted = set(folder_files(folder, str(manifest.get("kind")))) - set(listed)
+        strays = sorted(name for name in unlisted if Path(name).suffix in _LOADABLE_SUFFIXES)
         if strays:
             more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
             raise ManifestError(
