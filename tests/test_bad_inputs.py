@@ -40,6 +40,7 @@ from zipvoice.bin import (
     prepare_tokens,
     train_zipvoice,
 )
+from zipvoice.utils.manifest import write_manifest
 
 VOCOS_DIR = PARITY / "vocos"
 BASE_DIR = PARITY / "zipvoice"
@@ -464,6 +465,7 @@ def test_onnx_export_bad_inputs(infer_dir, tmp_path, capsys):
     meta = json.loads((lora / "zipvoice_adapter.json").read_text())
     meta["base_fingerprint"] = "0" * 64
     (lora / "zipvoice_adapter.json").write_text(json.dumps(meta))
+    write_manifest(lora, "adapter")  # a consistent adapter folder made for another base
     msg = exit_message(
         lambda: onnx_export.main(
             ["--model-dir", str(infer_dir / "zipvoice"), "--lora-path", str(lora),

@@ -41,6 +41,7 @@ from zipvoice.training.steps import (
     set_batch_count,
 )
 from zipvoice.training.trainer import run_training
+from zipvoice.utils.manifest import read_manifest, verify_folder
 
 MODEL_DIR = PARITY / "zipvoice"
 
@@ -170,6 +171,15 @@ def test_cli_trains_and_writes_adapters_checkpoints_and_logs(user_run, base_stat
     assert meta["text_encoder_included"]
     assert any((exp_dir / "tensorboard").iterdir())
     assert any((exp_dir / "wandb").glob("offline-run-*"))
+    # Manifests: the exp-dir lists its checkpoints, each adapter all its files, one base.
+    run_manifest = read_manifest(exp_dir)
+    assert sorted(run_manifest["files"]) == [
+        "checkpoint-2.pt", "checkpoint-4.pt", "model.json", "tokens.txt"
+    ]  # fmt: skip
+    for folder in (exp_dir, exp_dir / "adapter"):
+        assert verify_folder(folder, hashes=True).hashed > 0
+        assert read_manifest(folder)["base_model"]["state_dict_sha256"] == meta["base_fingerprint"]
+    assert set(read_manifest(exp_dir / "adapter")["files"]) == ADAPTER_FILES
 
     checkpoint = torch.load(exp_dir / "checkpoint-4.pt", weights_only=True)
     assert checkpoint["step"] == 4

@@ -19,6 +19,7 @@ from zipvoice.inference.flags import add_model_arguments, load_model_from_args, 
 from zipvoice.inference.torch_backend import model_kind
 from zipvoice.onnx.export import EXPORTERS, export_metadata, export_model
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
+from zipvoice.utils.folders import refuse_output_inside_inputs
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,12 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
+    inputs = {
+        "--model-dir": args.model_dir,
+        "--lora-path": args.lora_path,
+        "--vocoder-path": args.vocoder_path,
+    }
+    refuse_output_inside_inputs("--onnx-model-dir", args.onnx_model_dir, inputs)
     # Gradients off for this call only: main() also runs in-process (the demo, tests).
     with torch.no_grad():
         model, token_file, meta = load_model_from_args(args)

@@ -13,6 +13,7 @@ from zipvoice.models.zipvoice import ZipVoice
 from zipvoice.models.zipvoice_distill import ZipVoiceDistill
 from zipvoice.tokenizer.token_file import PAD_TOKEN, read_token_file
 from zipvoice.utils.checkpoint import load_checkpoint_state, load_model_state
+from zipvoice.utils.manifest import verify_folder
 
 HUB_REPO_ID = "k2-fsa/ZipVoice"
 MODEL_NAMES = ("zipvoice", "zipvoice_distill")
@@ -116,6 +117,7 @@ def load_pretrained(
     path, checkpoint path).
     """
     folder = resolve_model_dir(model_name, model_dir, checkpoint_name=checkpoint_name)
+    verify_folder(folder, only=(checkpoint_name, "model.json", "tokens.txt"))
     checkpoint_path = folder / checkpoint_name
     config = load_model_config(folder / "model.json")
     token_path = Path(token_file) if token_file is not None else folder / "tokens.txt"

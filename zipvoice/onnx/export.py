@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from zipvoice.models.modules.lora_utils import is_lora_model
 from zipvoice.models.zipvoice import get_tokens_index
 from zipvoice.utils.fileio import atomic_copy, atomic_write
+from zipvoice.utils.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -357,4 +358,8 @@ def export_model(
     if Path(token_file).resolve() != (out_dir / TOKENS_FILE).resolve():
         atomic_copy(token_file, out_dir / TOKENS_FILE)
     written["tokens"] = out_dir / TOKENS_FILE
+    from zipvoice.models.modules.adapter_folder import fingerprint_state_dict
+
+    base = meta.get("lora_base_fingerprint") or fingerprint_state_dict(model.state_dict())
+    write_manifest(out_dir, "onnx", base_fingerprint=base, files=written.values())
     return written

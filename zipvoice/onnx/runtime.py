@@ -21,6 +21,7 @@ from zipvoice.onnx.export import (
     TOKENS_FILE,
     VOCODER_FILE,
 )
+from zipvoice.utils.manifest import verify_folder
 
 
 class OnnxModelError(ValueError):
@@ -61,6 +62,7 @@ class OnnxZipVoice:
             if not (self.model_dir / name).is_file():
                 hint = " (export with --int8 1)" if int8 and name.endswith(".onnx") else ""
                 raise FileNotFoundError(f"ONNX model folder {self.model_dir} lacks {name}{hint}")
+        verify_folder(self.model_dir)  # one export only: no swapped, stray or damaged file
         self.text_encoder = _session(self.model_dir / names[0], num_thread)
         self.fm_decoder = _session(self.model_dir / names[1], num_thread)
         self.token_file = self.model_dir / TOKENS_FILE

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from zipvoice.training.config import TrainingConfig, TrainingError
 from zipvoice.utils.fileio import atomic_copy, atomic_write_json
+from zipvoice.utils.manifest import write_manifest
 
 logger = logging.getLogger("zipvoice.train")
 
@@ -189,6 +190,9 @@ def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    from zipvoice.utils.manifest import verify_file
+
+    verify_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -341,6 +345,7 @@ def save_full_model(
     model: nn.Module, out_dir: Path, token_file: str, model_config: Mapping
 ) -> None:
     """A released-format folder (model.pt, model.json, tokens.txt) from full fine-tuning."""
+    from zipvoice.models.modules.adapter_folder import fingerprint_state_dict
     from zipvoice.utils.checkpoint import save_checkpoint
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,3 +353,11 @@ def save_full_model(
     save_checkpoint({"model": state}, out_dir / "model.pt")
     atomic_write_json(out_dir / "model.json", dict(model_config))
     atomic_copy(token_file, out_dir / "tokens.txt")
+    write_manifest(out_dir, "model", base_fingerprint=fingerprint_state_dict(state))
+
+
+def write_run_manifest(exp_dir: Path, base_fingerprint: str) -> None:
+    """The exp-dir's manifest: its checkpoints, model.json and tokens.txt (docs/integrity.md)."""
+    run_files = [path for _, path in list_checkpoints(exp_dir)]
+    run_files += [exp_dir / "model.json", exp_dir / "tokens.txt"]
+    write_manifest(exp_dir, "exp-dir", base_fingerprint=base_fingerprint, files=run_files)

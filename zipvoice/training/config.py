@@ -226,7 +226,19 @@ class TrainingConfig:
         forgetting = self.data.forgetting_manifest
         if forgetting and not Path(forgetting).is_file():
             raise FileNotFoundError(f"--forgetting-manifest {forgetting} not found")
+        self._validate_files()
         return self
+
+    def _validate_files(self) -> None:
+        """The exp-dir is never inside an input folder, and a manifest-carrying checkpoint is
+        the one its folder lists (docs/integrity.md)."""
+        from zipvoice.utils.folders import refuse_output_inside_inputs
+        from zipvoice.utils.manifest import verify_file
+
+        checkpoint = self.model.checkpoint
+        refuse_output_inside_inputs("--exp-dir", self.run.exp_dir, {"--checkpoint": checkpoint})
+        if checkpoint:
+            verify_file(checkpoint)
 
 
 def _group_of(key: str) -> str | None:

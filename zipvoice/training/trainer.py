@@ -114,13 +114,21 @@ class Trainer:
 
     def fit(self) -> nn.Module | None:
         """Train on one process, or spawn `world_size` DDP processes (returns None then)."""
-        world_size = self.config.run.world_size
-        if world_size > 1:
-            import torch.multiprocessing as mp
+        import os
 
-            mp.spawn(_fit_rank, args=(world_size, self), nprocs=world_size, join=True)
-            return None
-        return self.fit_rank(0, 1)
+        from zipvoice.utils.lock import FolderLock
+        from zipvoice.utils.resources import check_port_free
+
+        world_size = self.config.run.world_size
+        with FolderLock(self.exp_dir, "training run"):
+            if world_size > 1:
+                import torch.multiprocessing as mp
+
+                master = os.environ.get("MASTER_ADDR", "localhost")
+                check_port_free(self.config.run.master_port, master)
+                mp.spawn(_fit_rank, args=(world_size, self), nprocs=world_size, join=True)
+                return None
+            return self.fit_rank(0, 1)
 
     def fit_rank(self, rank: int, world_size: int) -> nn.Module:
         """The whole run on this rank: set up, loop, final validation and save."""
@@ -167,6 +175,7 @@ class Trainer:
     def _setup_model(self) -> dict[str, Any] | None:
         """Build the model and restore it from the resume checkpoint; return that checkpoint."""
         from zipvoice.models.loader import load_model_config
+        from zipvoice.tokenizer.coverage import check_token_coverage
         from zipvoice.tokenizer.tokenizer import get_tokenizer
 
         config = self.config
@@ -174,6 +183,7 @@ class Trainer:
         self.tokenizer = get_tokenizer(
             config.model.tokenizer, config.model.token_file, config.model.lang
         )
+        check_token_coverage(self.tokenizer, config.model.tokenizer, config.model.token_file)
         self.setup_result: ModelSetup = setup_model(
             config,
             self.tokenizer.vocab_size,
@@ -462,10 +472,16 @@ class Trainer:
     def save(self, final: bool) -> None:
         """Checkpoint + adapter (or full model) at this step; a failed write (a full disk) stops
         the run with a message that says which checkpoint is still intact to resume from."""
+        from zipvoice.utils.resources import write_failure
+
         try:
             self._write_save_point(final)
-        except OSError as err:
-            raise ckpt.save_failure(self.exp_dir, self.state.step, err) from err
+        except (OSError, RuntimeError) as raw_err:
+            # torch.save reports a full disk as a RuntimeError from its zip writer.
+            err = write_failure(raw_err, self.exp_dir)
+            if err is None:
+                raise
+            raise ckpt.save_failure(self.exp_dir, self.state.step, err) from raw_err
 
     def _write_save_point(self, final: bool) -> None:
         from zipvoice.models.modules.lora_utils import is_lora_model
@@ -510,5 +526,6 @@ class Trainer:
         elif final:
             token_file = self.config.model.token_file
             ckpt.save_full_model(raw, self.exp_dir / "finetuned", token_file, self.model_config)
+        ckpt.write_run_manifest(self.exp_dir, self.setup_result.base_fingerprint)
         adapter = f" and {name}/" if is_lora_model(raw) else ""
         logger.info("saved %s%s", checkpoint_path.name, adapter)

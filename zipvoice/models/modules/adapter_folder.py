@@ -44,6 +44,7 @@ from zipvoice.models.modules.lora_utils import (
     merge_lora_weights,
 )
 from zipvoice.utils.fileio import atomic_replace_dir, atomic_write_json
+from zipvoice.utils.manifest import verify_folder, write_manifest
 
 ADAPTER_META_FILE = "zipvoice_adapter.json"
 TEXT_SIDE_FILE = "text_side.safetensors"
@@ -153,6 +154,7 @@ def save_adapter(
         }
         meta.update(dict(extra or {}))
         atomic_write_json(tmp_dir / ADAPTER_META_FILE, meta)
+        write_manifest(tmp_dir, "adapter", base_fingerprint=base_fingerprint)
 
     return atomic_replace_dir(out_dir, build)
 
@@ -182,6 +184,7 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(peft_config, dict):
         raise AdapterError(f"{adapter_dir / PEFT_CONFIG_FILE} is not a PEFT adapter config")
     check_peft_files(adapter_dir, meta, peft_config)
+    verify_folder(adapter_dir)  # sizes, and sha256s on first use: a flipped bit is named
     return meta
 
 
