@@ -286,7 +286,7 @@ def build_from_state(state: dict[str, torch.Tensor]) -> EcapaTdnnWavLM:
             name = wavlm_key_to_hf(key, hf_keys)
         except KeyError:
             raise ValueError(f"unknown WavLM parameter {WAVLM_PREFIX}{key}") from None
-        if name is not None:
+        if name is not None and (name in hf_keys or not name.endswith("masked_spec_embed")):
             converted[name] = tensor
     head = {k: t for k, t in state.items() if not k.startswith(WAVLM_PREFIX)}
     head.update({f"wavlm.{k}": t for k, t in converted.items()})
