@@ -48,7 +48,8 @@ def _import_pyworld() -> ModuleType:
         import pyworld
     except ModuleNotFoundError as err:
         if err.name != "pkg_resources":
-            raise ImportError("F0 methods 'harvest'/'dio' need pyworld (pip install pyworld)") from err
+            msg = "F0 methods 'harvest'/'dio' need pyworld (pip install pyworld)"
+            raise ImportError(msg) from err
         spec = importlib.util.find_spec("pyworld")
         if spec is None or not spec.submodule_search_locations:
             raise ImportError("pyworld is not installed (pip install pyworld)") from err
