@@ -165,9 +165,9 @@ def test_tiny_whisper_forces_language_and_scores_its_transcript(tiny_whisper: Pa
         asr = whisper_mod.WhisperASR(tiny_whisper, language=language, max_new_tokens=8)
         prompts = []
 
-        def record(module, args, kwargs):
+        def record(module, args, kwargs, seen=prompts):
             ids = kwargs.get("input_ids", args[0] if args else None)
-            prompts.append(ids[0].tolist())
+            seen.append(ids[0].tolist())
 
         hook = asr.model.model.decoder.register_forward_pre_hook(record, with_kwargs=True)
         try:
