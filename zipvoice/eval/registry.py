@@ -24,6 +24,7 @@ class MetricSpec:
     offline: bool
     higher_is_better: bool
     summary: str
+    fixed: tuple[tuple[str, Any], ...] = ()  # constructor arguments this metric always gets
 
 
 METRICS: dict[str, MetricSpec] = {
@@ -58,6 +59,33 @@ METRICS: dict[str, MetricSpec] = {
             False,
             False,
             "word error rate of an ASR transcript",
+        ),
+        MetricSpec(
+            "f0_corr",
+            "zipvoice.eval.accent.f0_match",
+            "F0MatchScorer",
+            True,
+            True,
+            "log-F0 correlation with a same-text reference after DTW (--opt ref_wav_dir=DIR)",
+            (("metric", "log_f0_corr"),),
+        ),
+        MetricSpec(
+            "f0_rmse",
+            "zipvoice.eval.accent.f0_match",
+            "F0MatchScorer",
+            True,
+            False,
+            "F0 RMSE in cents against a same-text reference (--opt ref_wav_dir=DIR)",
+            (("metric", "f0_rmse_cents"),),
+        ),
+        MetricSpec(
+            "vuv_error",
+            "zipvoice.eval.accent.f0_match",
+            "F0MatchScorer",
+            True,
+            False,
+            "voiced/unvoiced disagreement with a same-text reference (--opt ref_wav_dir=DIR)",
+            (("metric", "vuv_error"),),
         ),
         MetricSpec(
             "accent",
@@ -111,7 +139,7 @@ def build_scorer(
     kwargs: dict[str, Any] = {"device": device}
     if model_dir is not None:
         kwargs["model_dir"] = model_dir
-    for key, value in (options or {}).items():
+    for key, value in [*(options or {}).items(), *spec.fixed]:
         if takes_any or key in params:
             kwargs[key] = value
     kwargs = {k: v for k, v in kwargs.items() if takes_any or k in params}
