@@ -81,15 +81,19 @@ def probe_sentence(probe: ProbeWord) -> str:
 
 
 def find_probe(text: str) -> ProbeWord:
-    """The probe word a sentence tests (the longest one it contains; exactly one group)."""
-    found = [p for p in PROBE_WORDS if p.word in text]
-    if not found:
+    """The probe word a sentence tests: a word of OpenJTalk's analysis that is in the table
+    (so 今 is not found inside 今日); exactly one must be present."""
+    import pyopenjtalk
+
+    by_word = {p.word: p for p in PROBE_WORDS}
+    found = [by_word[f["string"]] for f in pyopenjtalk.run_frontend(text) if f["string"] in by_word]
+    if len(found) != 1:
+        what = "none of the probe words" if not found else f"{len(found)} probe words"
         raise EvalError(
-            f"text {text!r} holds none of the probe words (make the list with "
+            f"text {text!r} holds {what} (make the list with "
             "python -m zipvoice.eval.accent.probe_list)"
         )
-    best = max(found, key=lambda p: len(p.word))
-    return best
+    return found[0]
 
 
 @dataclass(frozen=True)
