@@ -2,7 +2,7 @@
 
 Praat's autocorrelation tracker (praat-parselmouth) is the default: on OpenJTalk speech
 shifted by known half-tones it had the fewest gross errors and the most stable voicing decision
-of the trackers measured, was exact on pure tones, and ran at ~1% of real time
+of the trackers measured, was exact on pure tones, and ran at ~0.5% of real time
 (benchmarks/f0_trackers.py; numbers in docs/evaluation-accent.md). pyworld's DIO and Harvest
 (+StoneMask) stay selectable for comparison with WORLD-based papers; Harvest voices silence
 and rejects pure tones, so it is not the default."""

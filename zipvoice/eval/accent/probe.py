@@ -16,7 +16,7 @@ and differ only in accent (箸/橋/端 hashi, 雨/飴 ame, ...). For a generated
    correlated with the rendering's.
 3. The probe passes (1.0) when the word's own member correlates best, else 0.0 (also when the
    phrase is too unvoiced to measure). The mean is the share of words whose pitch movement
-   carries the intended accent; guessing scores about 0.45 on this set (2- and 3-way groups).
+   carries the intended accent; guessing scores about 0.47 on this set (2- and 3-way groups).
 
 Why renderings and not textbook high/low templates: real and HTS speech both put the F0 peak
 late (for 箸 HL the peak sits at the start of し and the fall runs through し/で), so a 0/1
