@@ -30,11 +30,6 @@ class Mora:
     phrase_length: int  # F1
     accent: int  # F2
 
-    @property
-    def voiced_vowel(self) -> bool:
-        """Upper-case vowels are devoiced in OpenJTalk (no F0 to measure)."""
-        return not self.phones.endswith(("A", "I", "U", "E", "O", "cl"))
-
 
 def label_moras(labels: Sequence[str]) -> list[Mora]:
     """Group phoneme labels (silences skipped) into morae: a mora ends at a vowel, N or cl."""

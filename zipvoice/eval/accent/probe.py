@@ -121,6 +121,8 @@ def _phrase_of_word(text: str, word: str) -> tuple[list[str], list[Mora]]:
     features = pyopenjtalk.run_frontend(text)
     labels = pyopenjtalk.make_label(features)
     moras = label_moras(labels)
+    if sum(int(f["mora_size"]) for f in features) != len(moras):
+        raise EvalError(f"OpenJTalk's words and labels disagree on the morae of {text!r}")
     offset = 0
     for feature in features:
         if feature["string"] == word:
