@@ -83,7 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def make(args: argparse.Namespace) -> DNSMOS:
         return DNSMOS(model_dir=args.model_dir, device=args.device, field=args.field)
 
-    return run_metric_cli(argv, "dnsmos", make, __doc__.split("\n\n")[0], add_args)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--field", default="ovrl")
+    field = pre.parse_known_args(argv)[0].field
+    name = "dnsmos" if field == "ovrl" else f"dnsmos_{field}"
+    return run_metric_cli(argv, name, make, __doc__.split("\n\n")[0], add_args)
 
 
 if __name__ == "__main__":
