@@ -1,5 +1,6 @@
 """Predicted quality on real synthesised speech: DNSMOS must rate clean speech above the same
-speech buried in noise; UTMOS runs a model given as ONNX and explains what is missing."""
+speech buried in noise; UTMOS loads upstream's checkpoint layout (a tiny random model of the
+real architecture) or an ONNX export, and explains what is missing."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 pytest.importorskip("speechmos", reason="DNSMOS needs the eval extra")
 
 from tests.eval_audio import add_noise, make_voices, write_test_list  # noqa: E402
+from tests.ssl_layout import to_original_name  # noqa: E402
 from zipvoice.eval.mos.dnsmos import DNSMOS  # noqa: E402
 from zipvoice.eval.mos.utmos import ONNX_MODEL, UPSTREAM_CHECKPOINT, UTMOS  # noqa: E402
 from zipvoice.eval.utils import EvalError, load_wav, read_test_list  # noqa: E402
@@ -92,12 +94,70 @@ def test_utmos_runs_an_onnx_model_from_model_dir(tmp_path):
     assert utmos.score_wav(loud) == pytest.approx(5.0)
 
 
+def tiny_utmos():
+    from transformers import Wav2Vec2Config
+
+    from zipvoice.eval.models.utmos import UTMOS22Strong
+
+    config = Wav2Vec2Config(
+        hidden_size=64,  # one 64-wide attention head, as the loader infers from the width
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        intermediate_size=32,
+        conv_dim=[8] * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+    torch.manual_seed(0)
+    model = UTMOS22Strong(config, domain_dim=4, judge_dim=4, rnn_hidden=8, proj_hidden=16)
+    with torch.no_grad():
+        model.domain_emb.normal_()
+        model.judge_emb.normal_()
+    return model.eval()
+
+
+def save_upstream_utmos(model, path: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith("wav2vec2."):
+            key = "wav2vec2." + to_original_name(key[len("wav2vec2.") :], group_norm=True)
+        state[key] = tensor.clone()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+def test_utmos_runs_upstreams_checkpoint_layout(voices, tmp_path):
+    model = tiny_utmos()
+    state = save_upstream_utmos(model, tmp_path / UPSTREAM_CHECKPOINT)
+    for name in (  # names in upstream's utmos22_strong_step7459_v1.pt
+        "wav2vec2.feature_extractor.conv_layers.0.2.weight",
+        "wav2vec2.encoder.pos_conv.0.weight_g",
+        "wav2vec2.encoder.layers.1.self_attn_layer_norm.bias",
+        "wav2vec2.post_extract_proj.weight",
+        "blstm.weight_ih_l0_reverse",
+        "projection.2.bias",
+        "domain_emb",
+        "judge_emb",
+    ):
+        assert name in state, name
+    utmos = UTMOS(model_dir=str(tmp_path))
+    wav = load_wav(voices["ojt_mei"][0], 16000)
+    with torch.no_grad():
+        expected = float(model(torch.from_numpy(wav)[None])[0])
+    assert utmos.score_wav(wav) == pytest.approx(expected, abs=1e-5)
+    del state["blstm.bias_hh_l0"]
+    torch.save(state, tmp_path / UPSTREAM_CHECKPOINT)
+    with pytest.raises(EvalError, match="blstm.bias_hh_l0"):
+        UTMOS(model_dir=str(tmp_path))
+
+
 def test_utmos_without_weights_says_what_is_missing(tmp_path):
     with pytest.raises(EvalError, match="needs its weights"):
         UTMOS()
     with pytest.raises(EvalError, match="not found"):
         UTMOS(model_dir=str(tmp_path))
     (tmp_path / UPSTREAM_CHECKPOINT).parent.mkdir(parents=True)
-    (tmp_path / UPSTREAM_CHECKPOINT).write_bytes(b"not used")
-    with pytest.raises(EvalError, match="does not implement"):
+    (tmp_path / UPSTREAM_CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(EvalError, match="weights only"):
         UTMOS(model_dir=str(tmp_path))

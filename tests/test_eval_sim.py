@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("resemblyzer", reason="speaker similarity needs the eval extra")
 
 from tests.eval_audio import make_voices  # noqa: E402
+from tests.ssl_layout import to_original_name  # noqa: E402
 from zipvoice.eval.speaker_similarity.sim import SV_CHECKPOINT, SpeakerSimilarity  # noqa: E402
 from zipvoice.eval.utils import EvalError, load_wav  # noqa: E402
 
@@ -44,37 +45,6 @@ def test_same_voice_scores_above_every_other_voice(voices, scorer):
 
 
 # ---- upstream's SIM-o model: WavLM (transformers) + ECAPA-TDNN head, tiny and random ----
-
-# transformers' WavLM names -> the original (unilm) names the published checkpoint uses,
-# written out independently of the loader's own table.
-HF_TO_ORIGINAL = [
-    ("masked_spec_embed", "mask_emb"),
-    (".conv.", ".0."),
-    (".layer_norm.", ".2.1."),
-    ("feature_projection.2.1.", "layer_norm."),
-    ("feature_projection.projection.", "post_extract_proj."),
-    ("pos_conv_embed.0.parametrizations.weight.original0", "pos_conv.0.weight_g"),
-    ("pos_conv_embed.0.parametrizations.weight.original1", "pos_conv.0.weight_v"),
-    ("pos_conv_embed.0.", "pos_conv.0."),
-    ("encoder.2.1.", "encoder.layer_norm."),
-    (".attention.gru_rel_pos_linear.", ".self_attn.grep_linear."),
-    (".attention.gru_rel_pos_const", ".self_attn.grep_a"),
-    (".attention.rel_attn_embed.", ".self_attn.relative_attention_bias."),
-    (".attention.", ".self_attn."),
-    (".feed_forward.intermediate_dense.", ".fc1."),
-    (".feed_forward.output_dense.", ".fc2."),
-]
-
-
-def to_original_name(hf_key: str) -> str:
-    key = hf_key
-    for old, new in HF_TO_ORIGINAL:
-        key = key.replace(old, new)
-    # Inside encoder layers the pre-attention norm is `self_attn_layer_norm`.
-    parts = key.split(".")
-    if parts[:2] == ["encoder", "layers"] and parts[3:5] == ["2", "1"]:
-        key = ".".join(parts[:3] + ["self_attn_layer_norm"] + parts[5:])
-    return key
 
 
 def tiny_model():

@@ -14,13 +14,16 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from zipvoice.utils.audio import load_audio
 from zipvoice.utils.cli import exit_on_error, setup_logging
 from zipvoice.utils.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,26 @@ def read_test_list(path: str | os.PathLike) -> list[TestItem]:
 def load_wav(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
     """Mono float32 samples at `sample_rate` (soxr resampling); errors name the file."""
     return load_audio(path, target_sr=sample_rate).numpy()
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, or from a torch file without running pickled
+    code (weights_only); a checkpoint dict's "model" entry is used when there is one."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise EvalError(f"cannot load {path} as weights only: {err}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(t, torch.Tensor) for t in obj.values()):
+        raise EvalError(f"{path} is not a state dict of tensors")
+    return obj
 
 
 def generated_wav(wav_dir: str | os.PathLike, item: TestItem) -> Path:

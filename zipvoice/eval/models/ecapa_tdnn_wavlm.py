@@ -5,7 +5,7 @@ and published as `wavlm_large_finetune.pth` (k2-fsa/TTS_eval_models, `speaker_si
 The head is written here against that checkpoint's parameter names (`layer1.conv.weight`,
 `layer2.Res2Conv1dReluBn.convs.0.weight`, `pooling.linear1.weight`, ...). WavLM itself comes
 from `transformers` (`WavLMModel`); the checkpoint stores it under `feature_extract.model.*` in
-the original (unilm/fairseq) naming, so `wavlm_key_to_hf` renames those keys. Its hidden states
+the original (unilm/fairseq) naming, so `fairseq_key_to_hf` renames those keys. Its hidden states
 match what the checkpoint was trained on: the input of each of the 24 layers, then the final
 layer-normed output (25 in all)."""
 
@@ -135,8 +135,9 @@ class EcapaTdnnHead(nn.Module):
         return self.linear(self.bn(self.pooling(out)))
 
 
-# Original (unilm/fairseq) WavLM parameter names -> transformers' WavLMModel names. `None`
-# drops pre-training-only parameters (quantiser, projection heads) the embedding never uses.
+# Original (unilm/fairseq) WavLM and wav2vec 2.0 parameter names -> transformers' WavLMModel /
+# Wav2Vec2Model names (wav2vec 2.0 simply lacks the relative-position ones). `None` drops
+# pre-training-only parameters (quantiser, projection heads) inference never uses.
 _WAVLM_RULES: list[tuple[str, str | None]] = [
     (r"mask_emb", "masked_spec_embed"),
     (
@@ -188,9 +189,9 @@ _WEIGHT_NORM_NAMES = {
 }
 
 
-def wavlm_key_to_hf(key: str, hf_keys: set[str]) -> str | None:
-    """The transformers name of original WavLM parameter `key` (prefix already removed), or
-    None for a parameter the embedding does not use. Unknown names raise KeyError."""
+def fairseq_key_to_hf(key: str, hf_keys: set[str]) -> str | None:
+    """The transformers name of original WavLM / wav2vec 2.0 parameter `key` (prefix already
+    removed), or None for a parameter inference does not use. Unknown names raise KeyError."""
     for pattern, target in _WAVLM_RULES:
         if re.fullmatch(pattern, key):
             if target is None:
@@ -235,43 +236,77 @@ def head_kwargs_from_state(state: dict[str, torch.Tensor]) -> dict[str, int]:
     }
 
 
-def wavlm_config_from_state(wavlm: dict[str, torch.Tensor]):
-    """A transformers WavLMConfig matching original-layout WavLM weights. Sizes come from
-    the shapes; the conv strides are the standard (5, 2, 2, 2, 2, 2, 2) of every WavLM."""
-    from transformers import WavLMConfig
-
+def ssl_config_kwargs(ssl: dict[str, torch.Tensor]) -> dict:
+    """transformers config arguments shared by WavLM and wav2vec 2.0, read from the shapes of
+    original-layout weights. The conv strides are the standard (5, 2, 2, 2, 2, 2, 2) of both."""
     conv = sorted(
         (int(m.group(1)), t.shape)
-        for k, t in wavlm.items()
+        for k, t in ssl.items()
         if (m := re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.0\.weight", k))
     )
     if len(conv) != 7:
         raise ValueError(f"expected 7 feature-extractor conv layers, found {len(conv)}")
-    layers = {int(m.group(1)) for k in wavlm if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
-    pos_v = wavlm["encoder.pos_conv.0.weight_v"]
-    hidden = wavlm["post_extract_proj.weight"].shape[0]
-    layer_norm = "feature_extractor.conv_layers.0.2.1.weight" in wavlm
-    return WavLMConfig(
+    layers = {int(m.group(1)) for k in ssl if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
+    pos_v = ssl["encoder.pos_conv.0.weight_v"]
+    hidden = ssl["post_extract_proj.weight"].shape[0]
+    layer_norm = "feature_extractor.conv_layers.0.2.1.weight" in ssl
+    return dict(
         hidden_size=hidden,
         num_hidden_layers=len(layers),
-        num_attention_heads=wavlm["encoder.layers.0.self_attn.grep_a"].shape[1],
-        intermediate_size=wavlm["encoder.layers.0.fc1.weight"].shape[0],
+        intermediate_size=ssl["encoder.layers.0.fc1.weight"].shape[0],
         conv_dim=[shape[0] for _, shape in conv],
         conv_kernel=[shape[2] for _, shape in conv],
         conv_stride=[5, 2, 2, 2, 2, 2, 2],
-        conv_bias="feature_extractor.conv_layers.0.0.bias" in wavlm,
+        conv_bias="feature_extractor.conv_layers.0.0.bias" in ssl,
         feat_extract_norm="layer" if layer_norm else "group",
-        do_stable_layer_norm=layer_norm,  # WavLM-large: both; WavLM-base(+): neither
+        do_stable_layer_norm=layer_norm,  # large models: both; base models: neither
         num_conv_pos_embeddings=pos_v.shape[2],
         num_conv_pos_embedding_groups=hidden // pos_v.shape[1],
-        num_buckets=wavlm["encoder.layers.0.self_attn.relative_attention_bias.weight"].shape[0],
     )
 
 
+def wavlm_config_from_state(wavlm: dict[str, torch.Tensor]):
+    """A transformers WavLMConfig matching original-layout WavLM weights."""
+    from transformers import WavLMConfig
+
+    return WavLMConfig(
+        num_attention_heads=wavlm["encoder.layers.0.self_attn.grep_a"].shape[1],
+        num_buckets=wavlm["encoder.layers.0.self_attn.relative_attention_bias.weight"].shape[0],
+        **ssl_config_kwargs(wavlm),
+    )
+
+
+def load_complete(
+    model: nn.Module, state: dict[str, torch.Tensor], ssl_attr: str, prefix: str
+) -> nn.Module:
+    """Loads `state` (checkpoint layout: the SSL model's original-layout weights under
+    `prefix`, everything else under its own name) into `model`, whose transformers SSL model
+    is `model.<ssl_attr>`. Missing or unexpected parameters are a ValueError naming them, so a
+    wrong file never yields silently random scores."""
+    hf_keys = set(getattr(model, ssl_attr).state_dict())
+    own = {}
+    for key, tensor in state.items():
+        if not key.startswith(prefix):
+            own[key] = tensor
+            continue
+        try:
+            name = fairseq_key_to_hf(key[len(prefix) :], hf_keys)
+        except KeyError:
+            raise ValueError(f"unknown parameter {key}") from None
+        if name is not None and (name in hf_keys or not name.endswith("masked_spec_embed")):
+            own[f"{ssl_attr}.{name}"] = tensor
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    # Unused at inference: BatchNorm's step counter, the pre-training mask embedding.
+    unused = ("num_batches_tracked", "masked_spec_embed")
+    missing = [k for k in missing if not k.endswith(unused)]
+    if missing or unexpected:
+        raise ValueError(f"parameters missing: {missing[:5]}, unexpected: {unexpected[:5]}")
+    return model.eval()
+
+
 def build_from_state(state: dict[str, torch.Tensor]) -> EcapaTdnnWavLM:
-    """The model with every parameter taken from `state` (checkpoint layout: head keys at
-    the top level, WavLM under `feature_extract.model.`). Missing or unexpected parameters
-    are a ValueError naming them, so a wrong file never yields silently random scores."""
+    """The model with every parameter taken from `state` (the published checkpoint's layout:
+    head keys at the top level, WavLM under `feature_extract.model.`)."""
     wavlm = {k[len(WAVLM_PREFIX) :]: t for k, t in state.items() if k.startswith(WAVLM_PREFIX)}
     if not wavlm:
         raise ValueError(f"no WavLM weights ({WAVLM_PREFIX}*) in the checkpoint")
@@ -279,21 +314,4 @@ def build_from_state(state: dict[str, torch.Tensor]) -> EcapaTdnnWavLM:
         model = EcapaTdnnWavLM(wavlm_config_from_state(wavlm), **head_kwargs_from_state(state))
     except KeyError as err:
         raise ValueError(f"checkpoint lacks parameter {err}") from None
-    hf_keys = set(model.wavlm.state_dict())
-    converted = {}
-    for key, tensor in wavlm.items():
-        try:
-            name = wavlm_key_to_hf(key, hf_keys)
-        except KeyError:
-            raise ValueError(f"unknown WavLM parameter {WAVLM_PREFIX}{key}") from None
-        if name is not None and (name in hf_keys or not name.endswith("masked_spec_embed")):
-            converted[name] = tensor
-    head = {k: t for k, t in state.items() if not k.startswith(WAVLM_PREFIX)}
-    head.update({f"wavlm.{k}": t for k, t in converted.items()})
-    missing, unexpected = model.load_state_dict(head, strict=False)
-    # Unused at inference: BatchNorm's step counter, WavLM's pre-training mask embedding.
-    unused = ("num_batches_tracked", "masked_spec_embed")
-    missing = [k for k in missing if not k.endswith(unused)]
-    if missing or unexpected:
-        raise ValueError(f"parameters missing: {missing[:5]}, unexpected: {unexpected[:5]}")
-    return model.eval()
+    return load_complete(model, state, "wavlm", WAVLM_PREFIX)

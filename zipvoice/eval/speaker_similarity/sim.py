@@ -24,7 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zipvoice.eval.utils import EvalError, TestItem, generated_wav, load_wav, run_metric_cli
+from zipvoice.eval.utils import (
+    EvalError,
+    TestItem,
+    generated_wav,
+    load_wav,
+    load_weights,
+    run_metric_cli,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +66,6 @@ class ResemblyzerEncoder:
         if trimmed.size < SAMPLE_RATE // 4:
             trimmed = self._preprocess(wav, source_sr=SAMPLE_RATE, trim_silence=False)
         return self._encoder.embed_utterance(trimmed.astype(np.float32))
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file, or from a torch file without running pickled
-    code (weights_only); a checkpoint dict's "model" entry is used when there is one."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise EvalError(f"cannot load {path} as weights only: {err}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(t, torch.Tensor) for t in obj.values()):
-        raise EvalError(f"{path} is not a state dict of tensors")
-    return obj
 
 
 class WavLMEcapaEncoder:
