@@ -1,12 +1,12 @@
 """Cost of each evaluation metric: seconds per utterance on this CPU, one thread.
 
-    .venv/bin/python benchmarks/eval.py [--utterances 8] [--metrics sim,dnsmos] [--wavlm-large]
+    .venv/bin/python benchmarks/eval.py [--utterances 8] [--metrics sim,dnsmos] [--upstream-models]
 
 Utterances are synthesised with pyopenjtalk (Japanese, 2-6 s each, several pitches); each one's
 prompt is another sentence in the same voice. Every metric scores the same list, side by side in
-one run, after its model is loaded (load time is reported apart). `--wavlm-large` also times
-upstream's SIM-o model at full size (WavLM-large + ECAPA-TDNN) with random weights: what the
-real checkpoint would cost, without downloading it.
+one run, after its model is loaded (load time is reported apart). `--upstream-models` also
+times upstream's SIM-o model (WavLM-large + ECAPA-TDNN) and UTMOS22 strong (wav2vec 2.0 base +
+BLSTM) at full size with random weights: what the real checkpoints cost, without downloading.
 """
 
 from __future__ import annotations
@@ -93,11 +93,28 @@ def wavlm_large_scorer():
     return score
 
 
+def utmos_scorer():
+    """UTMOS22 strong at full size (wav2vec 2.0 base), random weights (timing only)."""
+    from transformers import Wav2Vec2Config
+
+    from zipvoice.eval.models.utmos import UTMOS22Strong
+
+    model = UTMOS22Strong(Wav2Vec2Config()).eval()  # the config defaults are wav2vec 2.0 base
+
+    @torch.no_grad()
+    def score(item: TestItem, wav_dir: Path) -> float:
+        return float(model(torch.from_numpy(load_wav(wav_dir / f"{item.name}.wav", 16000))[None]))
+
+    return score
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--utterances", type=int, default=8)
     parser.add_argument("--metrics", default="sim,dnsmos", help="Offline metrics to time.")
-    parser.add_argument("--wavlm-large", action="store_true", help="Also time SIM-o's model.")
+    parser.add_argument(
+        "--upstream-models", action="store_true", help="Also time SIM-o's and UTMOS' models."
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_before = os.getloadavg()
@@ -107,12 +124,14 @@ def main() -> None:
         for name in parse_metrics(args.metrics):
             make = lambda name=name: build_scorer(name)  # noqa: E731
             rows.append(time_scorer(f"{name} ({METRICS[name].cls})", make, items, wav_dir))
-        if args.wavlm_large:
-            rows.append(
-                time_scorer("sim-o (WavLM-large+ECAPA)", wavlm_large_scorer, items, wav_dir)
-            )
-    print(f"{args.utterances} utterances, {mean_seconds:.2f} s of audio each on average; ")
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread; ")
+        if args.upstream_models:
+            for label, make_upstream in (
+                ("sim-o (WavLM-large+ECAPA)", wavlm_large_scorer),
+                ("utmos (UTMOS22 strong)", utmos_scorer),
+            ):
+                rows.append(time_scorer(label, make_upstream, items, wav_dir))
+    print(f"{args.utterances} utterances, {mean_seconds:.2f} s of audio each on average")
+    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}\n")
     print(format_table(["metric", "model load (s)", "s / utterance"], rows))
 
