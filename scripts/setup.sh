@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv with zipvoice installed in editable mode (plus test tools).
+# Create ./.venv with zipvoice installed in editable mode (plus test tools and the evaluation
+# extra, whose metric models the tests run).
 #
 # torch is installed first, on its own, so that the project's open `torch>=2.3` requirement keeps
 # whatever torch the machine should use:
@@ -25,5 +26,19 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     pip_install "$spec"
   fi
 fi
-pip_install -e ".[dev]"
+pip_install -e ".[dev,eval]"
+# The offline speaker encoder of zipvoice.eval, without its `webrtcvad` (source-only, needs a
+# compiler) and `typing` requirements: the eval extra brings webrtcvad-wheels and librosa.
+pip_install --no-deps "resemblyzer==0.1.4"
+# Speech engines the evaluation tests synthesise voices with (Debian/Ubuntu packages). Installed
+# when missing and apt-get can run; otherwise those tests skip and say why.
+if ! command -v flite > /dev/null || ! command -v espeak-ng > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    apt-get install -y -q flite espeak-ng > /dev/null || echo "setup: could not install flite/espeak-ng"
+  elif command -v sudo > /dev/null && sudo -n true 2> /dev/null; then
+    sudo -n apt-get install -y -q flite espeak-ng > /dev/null || echo "setup: could not install flite/espeak-ng"
+  else
+    echo "setup: flite/espeak-ng missing (apt-get install flite espeak-ng); some eval tests will skip"
+  fi
+fi
 "$VENV/bin/python" -c "import torch, zipvoice; print('zipvoice ready: torch', torch.__version__)"
