@@ -88,12 +88,12 @@ METRICS: dict[str, MetricSpec] = {
             (("metric", "vuv_error"),),
         ),
         MetricSpec(
-            "accent",
-            "zipvoice.eval.accent.accent",
-            "AccentScore",
+            "accent_probe",
+            "zipvoice.eval.accent.probe",
+            "AccentProbeScorer",
             True,
             True,
-            "pitch-accent agreement with the reference (log-F0 correlation after DTW)",
+            "minimal-pair pitch-accent probe accuracy (a probe list from accent.probe_list)",
         ),
     )
 }
