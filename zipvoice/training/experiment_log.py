@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from zipvoice.training.distributed import is_main
 from zipvoice.utils.cli import LOG_FORMAT, setup_logging
 
@@ -69,6 +71,31 @@ class ExperimentLog:
                 self.tb.add_scalar(key, value, step)
         if self.wandb_run is not None:
             self.wandb_run.log(dict(values), step=step)
+
+    def audio(
+        self,
+        clips: Mapping[str, np.ndarray],
+        step: int,
+        sample_rate: int,
+        captions: Mapping[str, str] | None = None,
+    ) -> None:
+        """Mono float clips in [-1, 1] by tag, to listen to beside the curves."""
+        import torch
+
+        captions = captions or {}
+        if self.tb is not None:
+            for tag, wave in clips.items():
+                self.tb.add_audio(tag, torch.from_numpy(wave).view(1, -1), step, sample_rate)
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log(
+                {
+                    tag: wandb.Audio(wave, sample_rate=sample_rate, caption=captions.get(tag))
+                    for tag, wave in clips.items()
+                },
+                step=step,
+            )
 
     def close(self) -> None:
         if self.tb is not None:
