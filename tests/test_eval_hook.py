@@ -37,7 +37,7 @@ from zipvoice.training.trainer import run_training
 # zipvoice.dataset.synthetic.PSEUDO_SPEAKERS), and a probe sentence of the accent probe.
 UNSEEN = PseudoSpeaker(speed=1.0, half_tone=7.0)
 PROMPT_TEXT = "今日はいい天気ですね。"
-LINES = {"seen_probe": "これは箸です。", "unseen": "明日は雨が降るでしょう。"}
+LINES = {"seen_probe": "これは箸です。", "unseen": "明日は晴れるでしょう。"}
 
 
 @pytest.fixture(scope="module")

@@ -155,7 +155,7 @@ def build_scorers(
 
 
 def score_metric(
-    name: str, scorer: Scorer, items: Sequence[TestItem], wav_dir: Path, step: int
+    name: str, scorer: Scorer, items: Sequence[TestItem], wav_dir: Path, exp_dir: Path, step: int
 ) -> dict[str, float]:
     """line -> score; a line the metric cannot score is NaN, with a warning saying why."""
     scores: dict[str, float] = {}
@@ -166,7 +166,9 @@ def score_metric(
         try:
             scores[item.name] = float(scorer.score(item, wav_dir))
         except EvalError as err:
-            logger.warning("eval step %d: %s of %r is NaN: %s", step, name, item.name, err)
+            # Name the folder the wav ends up in, not the temporary one it is scored in.
+            reason = str(err).replace(str(wav_dir), str(step_dir(exp_dir, step)))
+            logger.warning("eval step %d: %s of %r is NaN: %s", step, name, item.name, reason)
             scores[item.name] = math.nan
         except Exception:
             logger.warning("eval step %d: %s failed on %r; NaN", step, name, item.name,
@@ -329,7 +331,7 @@ class EvalHook:
         table = {}
         for name, scorer in self.scorers.items():
             items = [by_name[n] for n in self.plan[name]]
-            table[name] = score_metric(name, scorer, items, folder, step)
+            table[name] = score_metric(name, scorer, items, folder, self.exp_dir, step)
             if items and not any(math.isfinite(v) for v in table[name].values()):
                 logger.warning("eval step %d: %s could score no line; logged as NaN", step, name)
         return table
