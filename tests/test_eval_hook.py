@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
-from tests.test_train import MODEL_DIR, user_config, user_flags
+from tests.test_train import MODEL_DIR, _free_port, user_config, user_flags
 from zipvoice.bin.train_zipvoice import get_parser
 from zipvoice.dataset.synthetic import PseudoSpeaker, synthesize
 from zipvoice.eval.utils import EvalError
@@ -101,15 +101,27 @@ def test_vocoder_names(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def eval_run(japanese_fbank_manifests, eval_files, tmp_path_factory) -> tuple[Path, RecordLosses]:
-    """4 steps validating every 2 (steps 0, 2, 4), tensorboard on, the eval list scored with
-    every offline metric that applies."""
+def module_env():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def eval_run(
+    japanese_fbank_manifests, eval_files, tmp_path_factory, module_env
+) -> tuple[Path, RecordLosses]:
+    """4 steps validating every 2 (steps 0, 2, 4), tensorboard and wandb (offline) on, the eval
+    list scored with every offline metric that applies."""
     exp_dir = tmp_path_factory.mktemp("eval_run") / "exp"
+    module_env.delenv("WANDB_API_KEY", raising=False)
+    module_env.setenv("WANDB_MODE", "offline")
+    module_env.setenv("NETRC", str(exp_dir.parent / "no-netrc"))
     record = RecordLosses()
     config = user_config(
         japanese_fbank_manifests,
         exp_dir,
         tensorboard=True,
+        wandb_project="zipvoice-eval-hook",
         save_every_n=0,
         eval_list=str(eval_files["list"]),
         eval_num_step=4,
@@ -169,6 +181,39 @@ def test_tensorboard_holds_the_eval_audio_and_scalars(eval_run):
         assert sorted(logged) == [0, 2, 4]
         expected = {step: values[f"eval/{metric}"] for step, values in record.valid}
         assert logged == pytest.approx(expected, abs=1e-5)
+
+
+def test_wandb_gets_the_eval_audio(eval_run):
+    exp_dir, _ = eval_run
+    run_dirs = list((exp_dir / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    clips = list((run_dirs[0] / "files" / "media" / "audio").rglob("*.wav"))
+    assert len(clips) == 3 * len(LINES)  # each line at steps 0, 2, 4
+    for clip in clips:
+        wave, sr = sf.read(clip)
+        assert sr == SAMPLING_RATE and wave.size > 0
+
+
+def test_under_ddp_rank_0_alone_evaluates(japanese_fbank_manifests, eval_files, tmp_path):
+    config = user_config(
+        japanese_fbank_manifests,
+        tmp_path,
+        world_size=2,
+        master_port=_free_port(),
+        num_iters=2,
+        save_every_n=0,
+        valid_interval=0,
+        max_duration=3,
+        eval_list=str(eval_files["list"]),
+        eval_num_step=2,
+        eval_metrics="sim",
+    )
+    assert run_training(config) is None
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step-2"]
+    summary = json.loads((step_dir(tmp_path, 2) / SUMMARY_FILE).read_text())
+    assert list(summary["metrics"]) == ["sim"] and summary["metrics"]["sim"]["n"] == 2
+    logs = {p.name: p.read_text() for p in (tmp_path / "log").iterdir()}
+    assert sum("eval at step 2" in text for text in logs.values()) == 1
 
 
 def test_evaluation_leaves_training_unchanged(eval_run, japanese_fbank_manifests, tmp_path):
