@@ -125,3 +125,21 @@ def test_wavlm_ecapa_bad_checkpoints_are_clear_errors(tmp_path):
     torch.save({"model": model.pooling}, tmp_path / SV_CHECKPOINT)
     with pytest.raises(EvalError, match="weights only"):
         SpeakerSimilarity(model_dir=str(tmp_path))
+
+
+def test_wavlm_from_the_pretrained_file_when_the_checkpoint_holds_only_the_head(voices, tmp_path):
+    from zipvoice.eval.speaker_similarity.sim import SSL_CHECKPOINT
+
+    model = tiny_model()
+    state = save_upstream_layout(model, tmp_path / SV_CHECKPOINT)
+    prefix = "feature_extract.model."
+    head = {k: t for k, t in state.items() if not k.startswith(prefix)}
+    wavlm = {k[len(prefix) :]: t for k, t in state.items() if k.startswith(prefix)}
+    torch.save({"model": head}, tmp_path / SV_CHECKPOINT)
+    (tmp_path / SSL_CHECKPOINT).parent.mkdir(parents=True)
+    torch.save({"cfg": {"encoder_layers": 2}, "model": wavlm}, tmp_path / SSL_CHECKPOINT)
+    wav = load_wav(voices["flite_rms"][0], 16000)[:16000]
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model(torch.from_numpy(wav)[None])[0], dim=0)
+    sim = SpeakerSimilarity(model_dir=str(tmp_path))
+    np.testing.assert_allclose(sim.encoder.embed(wav), expected.numpy(), atol=1e-5)

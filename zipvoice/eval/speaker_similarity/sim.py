@@ -88,9 +88,9 @@ class WavLMEcapaEncoder:
             )
         state = load_weights(ckpt)
         base = root / SSL_CHECKPOINT
-        if base.is_file():  # pre-trained WavLM; the fine-tuned copy in `state` wins
-            for key, tensor in load_weights(base).items():
-                state.setdefault(WAVLM_PREFIX + key, tensor)
+        if base.is_file() and not any(k.startswith(WAVLM_PREFIX) for k in state):
+            # Only a head in the checkpoint: WavLM comes from the pre-trained file.
+            state.update({WAVLM_PREFIX + k: t for k, t in load_weights(base).items()})
         try:
             self._model = build_from_state(state).to(device)
         except ValueError as err:
