@@ -87,6 +87,22 @@ def test_bad_eval_settings_fail_before_training(japanese_fbank_manifests, eval_f
                     eval_metrics="cer").validate()  # fmt: skip
 
 
+def test_auto_metrics_follow_the_list_and_the_reference_folder(eval_files, tmp_path):
+    from zipvoice.eval.utils import read_test_list
+    from zipvoice.training.config import EvalConfig
+    from zipvoice.training.eval_hook import choose_metrics
+
+    items = read_test_list(eval_files["list"])
+    plain = choose_metrics(EvalConfig(eval_list=str(eval_files["list"])), items)
+    assert plain == {"sim": list(LINES), "dnsmos": list(LINES), "accent_probe": ["seen_probe"]}
+    (tmp_path / "unseen.wav").write_bytes((eval_files["ref_dir"] / "unseen.wav").read_bytes())
+    config = EvalConfig(eval_list=str(eval_files["list"]), eval_ref_dir=str(tmp_path))
+    with_ref = choose_metrics(config, items)
+    assert with_ref["f0_corr"] == with_ref["vuv_error"] == ["unseen"]  # the one with a reference
+    picked = choose_metrics(EvalConfig(eval_list="x", eval_metrics="dnsmos,accent_probe"), items)
+    assert picked == {"dnsmos": list(LINES), "accent_probe": ["seen_probe"]}
+
+
 def test_vocoder_names(tmp_path, monkeypatch):
     from zipvoice.models.griffin_lim import GriffinLimVocoder
 

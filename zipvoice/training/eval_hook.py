@@ -235,6 +235,7 @@ class EvalHook:
         self.plan = choose_metrics(config, items)
         self.scorers = build_scorers(self.plan, config.eval_ref_dir, "cpu")
         self.vocoder = load_eval_vocoder(config.eval_vocoder).to(device)
+        self.metric_seconds: dict[str, float] = {}  # of the last scoring, in summary.json
         for leftover in (self.exp_dir / EVAL_DIR).glob(".tmp-*"):  # a kill mid-evaluation
             shutil.rmtree(leftover, ignore_errors=True)
         logger.info("eval list: %d lines, metrics %s, %d steps, vocoder %s",
@@ -276,7 +277,8 @@ class EvalHook:
             middle = time.perf_counter()
             result["table"] = self.score(folder, step)
             result["seconds"] = {"synthesis": middle - start,
-                                 "scoring": time.perf_counter() - middle}  # fmt: skip
+                                 "scoring": time.perf_counter() - middle,
+                                 "per_metric": self.metric_seconds}  # fmt: skip
             self._write_results(folder, step, result["table"], result["seconds"])
 
         out_dir = atomic_replace_dir(step_dir(self.exp_dir, step), build)
@@ -329,9 +331,12 @@ class EvalHook:
         """metric -> line -> score, over the lines each metric applies to."""
         by_name = {line.item.name: line.item for line in self.lines}
         table = {}
+        self.metric_seconds = {}
         for name, scorer in self.scorers.items():
             items = [by_name[n] for n in self.plan[name]]
+            start = time.perf_counter()
             table[name] = score_metric(name, scorer, items, folder, self.exp_dir, step)
+            self.metric_seconds[name] = time.perf_counter() - start
             if items and not any(math.isfinite(v) for v in table[name].values()):
                 logger.warning("eval step %d: %s could score no line; logged as NaN", step, name)
         return table
