@@ -40,7 +40,10 @@ def get_parser() -> argparse.ArgumentParser:
         parser, merge_lora_help="Merge the adapter into the weights (no extra inference cost)."
     )
     parser.add_argument(
-        "--vocoder-path", default=None, help="Vocos folder (config.yaml + weights); hub if omitted."
+        "--vocoder-path",
+        default=None,
+        help="Vocos folder (config.yaml + pytorch_model.bin); downloaded from the hub if omitted; "
+        "'griffin-lim' needs no download (offline, lower quality).",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ...; default: best found.")
     add_generation_arguments(parser)

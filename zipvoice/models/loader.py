@@ -62,9 +62,9 @@ def resolve_model_dir(
 ) -> Path:
     """The folder holding the checkpoint (model.pt), model.json and tokens.txt.
 
-    Given ``model_dir``, checks that the files are there. Otherwise downloads
-    ``{model_name}/{file}`` from the hub repository k2-fsa/ZipVoice (cached by
-    huggingface_hub) and returns the folder they landed in.
+    Given ``model_dir``, checks that the files are there. Otherwise takes
+    ``{model_name}/{file}`` of the hub repository k2-fsa/ZipVoice from the hub cache, or
+    downloads it; offline, fails at once naming the file (`zipvoice.utils.hub`).
     """
     files = (checkpoint_name, "model.json", "tokens.txt")
     if model_dir is not None:
@@ -79,12 +79,13 @@ def resolve_model_dir(
         return folder
     if model_name not in MODEL_NAMES:
         raise ValueError(f"model_name must be one of {MODEL_NAMES}, got {model_name!r}")
-    from huggingface_hub import hf_hub_download
+    from zipvoice.utils.hub import hub_files
 
-    paths = [
-        Path(hf_hub_download(repo_id=HUB_REPO_ID, filename=f"{model_name}/{name}"))
-        for name in files
-    ]
+    instead = (
+        f"download {', '.join(files)} from {HUB_REPO_ID} (folder {model_name}/) into one "
+        "folder and pass it as --model-dir, or run once with network to fill the hub cache"
+    )
+    paths = hub_files(HUB_REPO_ID, [f"{model_name}/{name}" for name in files], instead=instead)
     return paths[0].parent
 
 

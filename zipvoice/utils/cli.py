@@ -38,10 +38,17 @@ def str2bool(value: str | bool) -> bool:
     )
 
 
+# Libraries that log every HTTP request at INFO (huggingface_hub's client): a user sees them
+# only when something goes wrong, through our own message.
+QUIET_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2")
+
+
 def setup_logging(level: int | str = logging.INFO) -> None:
     """Console logging in one format for every command. Leaves an existing set-up alone (a
     caller that configured logging, or pytest's capture), so commands can run in-process."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def fix_random_seed(seed: int) -> None:
