@@ -25,6 +25,7 @@ from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.utils.audio import (
     check_not_silent,
     load_audio,
+    normalize_loudness,
     rms_normalize,
     save_wav,
     trim_silence,
@@ -243,8 +244,12 @@ def generate_wave(
     max_duration: float = 100.0,
     remove_long_sil: bool = False,
     sr: int = SAMPLING_RATE,
+    target_rms: float = 0.1,
 ) -> tuple[np.ndarray, GenerationStats]:
-    """Synthesise ``text`` in the prompt's voice: chunk, batch, sample, vocode, join."""
+    """Synthesise ``text`` in the prompt's voice: chunk, batch, sample, vocode, join.
+
+    The result is at ``target_rms`` (at a quieter prompt's own level, as the reference tool
+    returns it; 0: the model's level), peak-limited below full scale instead of clipped."""
     if speed <= 0:
         raise InferenceError(f"speed must be positive, got {speed}")
     tokens = text_to_tokens(add_punctuation(text))
@@ -269,14 +274,14 @@ def generate_wave(
         stats.seconds_model += time.perf_counter() - start
         start = time.perf_counter()
         for mel in mels:
-            wave = np.clip(vocode(mel / feat_scale), -1.0, 1.0)
-            waves_sorted.append(wave / prompt.rms_scale)
+            waves_sorted.append(vocode(mel / feat_scale))
         stats.seconds_vocoder += time.perf_counter() - start
     waves: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(waves_sorted)
     for position, original in enumerate(order):
         waves[original] = waves_sorted[position]
     wave = cross_fade_concat(waves, sr=sr)
     wave = remove_silence(wave, sr, only_edge=not remove_long_sil)
+    wave = normalize_loudness(wave, target_rms / prompt.rms_scale, sr=sr)
     stats.seconds_audio = wave.shape[-1] / sr
     return wave, stats
 
@@ -357,6 +362,7 @@ class Synthesizer:
             feat_scale=self.feat_scale,
             max_duration=self.max_duration,
             remove_long_sil=self.remove_long_sil,
+            target_rms=self.target_rms,
         )
 
     def synthesize_to_file(
@@ -584,7 +590,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--target-rms",
         type=float,
         default=0.1,
-        help="Raise quieter prompts to this RMS (0 disables).",
+        help="Raise quieter prompts to this RMS; the output comes at this RMS (a quieter "
+        "prompt's own level), peak-limited, never clipped (0: no level change).",
     )
     parser.add_argument("--seed", type=int, default=666, help="Random seed.")
     parser.add_argument("--num-thread", type=int, default=1, help="CPU threads.")
