@@ -30,6 +30,7 @@ from zipvoice.utils.infer import (
     torch_sampler,
     torch_vocoder,
 )
+from zipvoice.utils.validate import resolve_device
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     check_io_arguments(args)
     torch.set_num_threads(args.num_thread)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, token_file, meta = load_model_from_args(args)
     model.to(device)
     resolve_sampling_defaults(args, model_kind(model))

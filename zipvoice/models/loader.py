@@ -13,6 +13,7 @@ from zipvoice.models.zipvoice import ZipVoice
 from zipvoice.models.zipvoice_distill import ZipVoiceDistill
 from zipvoice.tokenizer.token_file import PAD_TOKEN, read_token_file
 from zipvoice.utils.checkpoint import load_checkpoint_state, load_model_state
+from zipvoice.utils.validate import check_finite_tensors, check_model_config
 
 HUB_REPO_ID = "k2-fsa/ZipVoice"
 MODEL_NAMES = ("zipvoice", "zipvoice_distill")
@@ -123,7 +124,9 @@ def load_pretrained(
     token2id = read_token_file(token_path)
     vocab_size = len(token2id)
     pad_id = token2id[PAD_TOKEN]
+    check_model_config(config["model"], vocab_size, pad_id, source=str(folder / "model.json"))
     state = load_checkpoint_state(checkpoint_path)
+    check_finite_tensors(state, checkpoint_path)
     # The checkpoint itself says which model it is: only the distilled one embeds the
     # guidance scale.
     distill = "fm_decoder.guidance_scale_embed.weight" in state

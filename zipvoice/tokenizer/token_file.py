@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zipvoice.utils.fileio import atomic_write_text
+from zipvoice.utils.validate import ValidationError, read_text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -31,40 +32,57 @@ def read_token_file(path: str | Path) -> dict[str, int]:
         raise FileNotFoundError(f"token file not found: {path}")
     token2id: dict[str, int] = {}
     id2token: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line:
-                continue
-            # The token itself may be a space, so split on the last tab only.
-            token, sep, id_text = line.rpartition("\t")
-            if not sep or token == "":
-                raise TokenFileError(f"{path}:{line_no}: expected 'token<TAB>id', got {line!r}")
-            try:
-                token_id = int(id_text)
-            except ValueError:
-                raise TokenFileError(
-                    f"{path}:{line_no}: id {id_text!r} of token {token!r} is not an integer"
-                ) from None
-            if token_id < 0:
-                raise TokenFileError(f"{path}:{line_no}: negative id {token_id} for {token!r}")
-            if token in token2id:
-                raise TokenFileError(
-                    f"{path}:{line_no}: duplicate token {token!r} "
-                    f"(already has id {token2id[token]})"
-                )
-            if token_id in id2token:
-                raise TokenFileError(
-                    f"{path}:{line_no}: duplicate id {token_id} for {token!r} "
-                    f"(already used by {id2token[token_id]!r})"
-                )
-            token2id[token] = token_id
-            id2token[token_id] = token
+    try:
+        lines = read_text_lines(path, what="token file")  # BOM dropped, encodings named
+    except ValidationError as err:
+        raise TokenFileError(str(err)) from None
+    for line_no, line in lines:
+        if not line:
+            continue
+        # The token itself may be a space, so split on the last tab only.
+        token, sep, id_text = line.rpartition("\t")
+        if not sep or token == "":
+            raise TokenFileError(f"{path}:{line_no}: expected 'token<TAB>id', got {line!r}")
+        try:
+            token_id = int(id_text)
+        except ValueError:
+            raise TokenFileError(
+                f"{path}:{line_no}: id {id_text!r} of token {token!r} is not an integer"
+            ) from None
+        if token_id < 0:
+            raise TokenFileError(f"{path}:{line_no}: negative id {token_id} for {token!r}")
+        if token in token2id:
+            raise TokenFileError(
+                f"{path}:{line_no}: duplicate token {token!r} (already has id {token2id[token]})"
+            )
+        if token_id in id2token:
+            raise TokenFileError(
+                f"{path}:{line_no}: duplicate id {token_id} for {token!r} "
+                f"(already used by {id2token[token_id]!r})"
+            )
+        token2id[token] = token_id
+        id2token[token_id] = token
     if not token2id:
         raise TokenFileError(f"{path}: token file is empty")
     if PAD_TOKEN not in token2id:
         raise TokenFileError(f"{path}: no padding token {PAD_TOKEN!r}")
+    _check_no_gaps(path, id2token)
     return token2id
+
+
+def _check_no_gaps(path: Path, id2token: Mapping[int, str]) -> None:
+    """The model's embedding has one row per token, so ids must be exactly 0..N-1: an id past
+    N-1 would index beyond the embedding (IndexError at the first batch that uses it)."""
+    count = len(id2token)
+    if max(id2token) == count - 1:
+        return
+    missing = [i for i in range(max(id2token) + 1) if i not in id2token]
+    beyond = sorted(i for i in id2token if i >= count)
+    shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+    raise TokenFileError(
+        f"{path}: ids must run from 0 to {count - 1} without gaps ({count} tokens), but id(s) "
+        f"{shown} are missing and {id2token[beyond[0]]!r} has id {beyond[0]}"
+    )
 
 
 def write_token_file(

@@ -20,6 +20,10 @@ from zipvoice.utils.fileio import atomic_write
 Wave = TypeVar("Wave", np.ndarray, torch.Tensor)
 
 DEFAULT_SR = 24000
+# Sample rates a speech recording can have (telephone 8 kHz and below, studio 384 kHz and
+# above): anything outside is a damaged header.
+MIN_SAMPLE_RATE = 4000
+MAX_SAMPLE_RATE = 768000
 
 
 class AudioError(ValueError):
@@ -53,6 +57,12 @@ def load_audio(path: str | Path, target_sr: int = DEFAULT_SR) -> torch.Tensor:
         data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # libsndfile's errors are terse; say which file and why
         raise AudioError(f"cannot read audio file {path}: {err}") from err
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        # A header claiming 1 Hz would make resampling allocate 24000 samples per sample.
+        raise AudioError(
+            f"audio file {path}: its header claims a sample rate of {sample_rate} Hz, outside "
+            f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz; the file is damaged or not audio"
+        )
     if data.shape[0] == 0:
         raise AudioError(f"audio file {path} is empty (0 samples)")
     if not np.isfinite(data).all():

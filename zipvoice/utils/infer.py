@@ -32,6 +32,15 @@ from zipvoice.utils.audio import (
 )
 from zipvoice.utils.cli import str2bool
 from zipvoice.utils.feature import compute_vocos_mel
+from zipvoice.utils.validate import (
+    assert_not_input,
+    check_fields_not_empty,
+    finite_float,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    read_text_lines,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -298,19 +307,20 @@ def read_test_list(path: str | os.PathLike) -> list[TestItem]:
     """``name<TAB>prompt_text<TAB>prompt_wav<TAB>text`` per line; blank lines are skipped.
     A relative prompt_wav is taken relative to the list's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"test list {path} not found")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in read_text_lines(path, what="test list"):
         if not line.strip():
             continue
-        fields = line.rstrip("\r\n").split("\t")
+        fields = line.split("\t")
         if len(fields) != 4:
             raise InferenceError(
                 f"{path}:{number}: expected 4 tab-separated fields "
                 f"(name, prompt_text, prompt_wav, text), got {len(fields)}"
             )
         name, prompt_text, prompt_wav, text = fields
+        check_fields_not_empty(
+            path, number, {"prompt_text": prompt_text, "prompt_wav": prompt_wav, "text": text}
+        )
         if not name or "/" in name or name in (".", ".."):
             raise InferenceError(f"{path}:{number}: bad output name {name!r}")
         wav = Path(prompt_wav)
@@ -382,6 +392,10 @@ class Synthesizer:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise InferenceError(f"{test_list}: duplicate names {duplicates}")
+        prompts = {f"prompt_wav of {item.name!r}": item.prompt_wav for item in items}
+        for item in items:
+            out = Path(res_dir) / f"{item.name}.wav"
+            assert_not_input(out, {**prompts, "--test-list": test_list}, f"output of {item.name!r}")
         total = GenerationStats()
         for index, item in enumerate(items):
             stats = self.synthesize_to_file(
@@ -521,7 +535,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -
     )
     parser.add_argument(
         "--lora-scale",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="Adapter strength: 0 = base model, 1 = as trained.",
     )
@@ -569,35 +583,40 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         default=None,
         help="Classifier-free guidance scale; default 1.0, distill 3.0.",
     )
     parser.add_argument(
-        "--num-step", type=int, default=None, help="Sampling steps; default 16, distill 8."
+        "--num-step", type=positive_int, default=None, help="Sampling steps; default 16, distill 8."
     )
     parser.add_argument(
         "--feat-scale",
-        type=float,
+        type=positive_float,
         default=0.1,
         help="Scale of the log-mel features the model sees.",
     )
-    parser.add_argument("--speed", type=float, default=1.0, help="Speech speed; > 1 speeds up.")
     parser.add_argument(
-        "--t-shift", type=float, default=0.5, help="Shift the time points to smaller t if < 1."
+        "--speed", type=positive_float, default=1.0, help="Speech speed; > 1 speeds up."
+    )
+    parser.add_argument(
+        "--t-shift",
+        type=positive_float,
+        default=0.5,
+        help="Shift the time points to smaller t if < 1.",
     )
     parser.add_argument(
         "--target-rms",
-        type=float,
+        type=non_negative_float,
         default=0.1,
         help="Raise quieter prompts to this RMS; the output comes at this RMS (a quieter "
         "prompt's own level), peak-limited, never clipped (0: no level change).",
     )
     parser.add_argument("--seed", type=int, default=666, help="Random seed.")
-    parser.add_argument("--num-thread", type=int, default=1, help="CPU threads.")
+    parser.add_argument("--num-thread", type=positive_int, default=1, help="CPU threads.")
     parser.add_argument(
         "--max-duration",
-        type=float,
+        type=positive_float,
         default=100.0,
         help="Seconds of prompt + speech per batch of chunks.",
     )
@@ -616,6 +635,7 @@ def check_io_arguments(args: argparse.Namespace) -> None:
         raise InferenceError(
             "give --prompt-wav, --prompt-text and --text (or --test-list for many sentences)"
         )
+    assert_not_input(args.res_wav_path, {"--prompt-wav": args.prompt_wav}, "--res-wav-path")
     for name in ("num_step", "num_thread"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

@@ -1,0 +1,241 @@
+"""The validation layer: options, sizes, text files, outputs that would replace inputs, devices.
+
+Each case goes through the real entry point or loader with files the test writes, and checks
+both the one-line message and that nothing was damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from tests.conftest import PARITY
+from tests.helpers import PROMPT_TEXT, TEXT, make_model_dir, write_prompt_wav
+from zipvoice.bin import infer_zipvoice
+from zipvoice.models.loader import ModelConfigError, load_pretrained
+from zipvoice.tokenizer.token_file import TokenFileError, read_token_file
+from zipvoice.utils.audio import AudioError, load_audio
+from zipvoice.utils.validate import (
+    ValidationError,
+    assert_not_input,
+    check_fits_in_memory,
+    check_lora_rank,
+    read_text_lines,
+    resolve_device,
+)
+
+SHIFT_JIS_TEXT = "こんにちは、世界。"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("validate")
+    make_model_dir(root / "zipvoice", "zipvoice")
+    write_prompt_wav(root / "prompt.wav")
+    return root
+
+
+def _infer(workdir: Path, *extra: str) -> int:
+    return infer_zipvoice.main(
+        [
+            "--model-dir", str(workdir / "zipvoice"),
+            "--vocoder-path", "griffin-lim",
+            "--tokenizer", "simple",
+            "--num-step", "2",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def _single(workdir: Path, out: Path, *extra: str) -> int:
+    return _infer(
+        workdir,
+        "--prompt-wav", str(workdir / "prompt.wav"),
+        "--prompt-text", PROMPT_TEXT,
+        "--text", TEXT,
+        "--res-wav-path", str(out),
+        *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", ["--speed", "--guidance-scale", "--t-shift", "--feat-scale"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_naming_the_flag(workdir, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        _single(workdir, workdir / "never.wav", f"{flag}={value}")
+    assert info.value.code == 2
+    assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
+    assert not (workdir / "never.wav").exists()
+
+
+def test_non_positive_speed_and_steps_are_refused(workdir, capsys):
+    for flag, value, words in (
+        ("--speed", "0", "> 0"),
+        ("--num-step", "0", ">= 1"),
+        ("--target-rms", "-1", ">= 0"),
+    ):
+        with pytest.raises(SystemExit):
+            _single(workdir, workdir / "never.wav", f"{flag}={value}")
+        assert f"argument {flag}: expected" in (err := capsys.readouterr().err) and words in err
+
+
+def test_output_that_is_the_prompt_is_refused_before_any_work(workdir, tmp_path, capsys):
+    prompt = tmp_path / "voice.wav"
+    write_prompt_wav(prompt)
+    before = prompt.read_bytes()
+    link = tmp_path / "link.wav"
+    link.symlink_to(prompt)
+    for out in (prompt, link, tmp_path / "sub" / ".." / "voice.wav"):
+        code = _infer(
+            workdir,
+            "--prompt-wav", str(prompt),
+            "--prompt-text", PROMPT_TEXT,
+            "--text", TEXT,
+            "--res-wav-path", str(out),
+        )  # fmt: skip
+        assert code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --res-wav-path") and "--prompt-wav" in err, err
+    assert prompt.read_bytes() == before
+
+
+def test_test_list_name_resolving_to_its_prompt_is_refused(workdir, tmp_path, capsys):
+    write_prompt_wav(tmp_path / "speaker.wav")
+    before = (tmp_path / "speaker.wav").read_bytes()
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text(
+        f"ok\t{PROMPT_TEXT}\tspeaker.wav\t{TEXT}\nspeaker\t{PROMPT_TEXT}\tspeaker.wav\t{TEXT}\n"
+    )
+    assert _infer(workdir, "--test-list", str(tsv), "--res-dir", str(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "output of 'speaker'" in err and "prompt_wav" in err
+    assert (tmp_path / "speaker.wav").read_bytes() == before
+    assert not (tmp_path / "ok.wav").exists()  # refused before the first line was generated
+
+
+def test_test_list_with_a_bom_names_outputs_without_it(workdir, tmp_path):
+    tsv = tmp_path / "list.tsv"
+    row = f"first\t{PROMPT_TEXT}\t{workdir / 'prompt.wav'}\t{TEXT}\n"
+    tsv.write_bytes(b"\xef\xbb\xbf" + row.encode())
+    assert _infer(workdir, "--test-list", str(tsv), "--res-dir", str(tmp_path / "out")) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["first.wav"]
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (f"a\tx\tp.wav\t{SHIFT_JIS_TEXT}\n".encode("shift_jis"), ":1: not UTF-8"),
+        (b"a\tx\tp.wav\tok\nb\tx\tp\x00.wav\tok\n", ":2: NUL byte"),
+        (b"a\tx\tp.wav\tok\nb\tx\tp.wav\t \n", ":2: empty text"),
+    ],
+)
+def test_bad_test_lists_name_the_file_and_line(workdir, tmp_path, capsys, content, expected):
+    tsv = tmp_path / "list.tsv"
+    tsv.write_bytes(content)
+    assert _infer(workdir, "--test-list", str(tsv), "--res-dir", str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tsv}{expected}" in err, err
+
+
+def test_shift_jis_is_named_with_a_conversion_hint(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_bytes(("一行目\n" + SHIFT_JIS_TEXT + "\n").encode("shift_jis"))
+    with pytest.raises(ValidationError, match=r"text.txt:1: not UTF-8 .*shift_jis.*iconv"):
+        read_text_lines(path)
+    path.write_bytes(b"\xef\xbb\xbfline one\r\nline two\n")
+    assert read_text_lines(path) == [(1, "line one"), (2, "line two")]
+
+
+def test_token_files_with_gaps_bom_or_another_encoding(tmp_path):
+    gap = tmp_path / "gap.txt"
+    gap.write_text("_\t0\na\t1\nb\t3\n")
+    with pytest.raises(
+        TokenFileError, match=r"gap.txt: ids must run from 0 to 2 .* 2 .*'b' has id 3"
+    ):
+        read_token_file(gap)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf_\t0\na\t1\n")
+    assert read_token_file(bom) == {"_": 0, "a": 1}
+    sjis = tmp_path / "sjis.txt"
+    sjis.write_bytes("_\t0\nあ\t1\n".encode("shift_jis"))
+    with pytest.raises(TokenFileError, match="sjis.txt:2: not UTF-8"):
+        read_token_file(sjis)
+
+
+def test_wav_header_claiming_one_hertz_is_refused(tmp_path):
+    path = tmp_path / "odd.wav"
+    sf.write(path, np.zeros(2000, dtype=np.float32), 1)
+    with pytest.raises(AudioError, match=r"odd.wav: its header claims a sample rate of 1 Hz"):
+        load_audio(path)
+
+
+def test_cuda_requested_without_cuda_is_named(workdir, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValidationError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValidationError, match="not a device"):
+        resolve_device("gpu0")
+    assert _single(workdir, workdir / "never.wav", "--device", "cuda") == 1
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert str(resolve_device(None)) == "cpu"
+
+
+def _model_folder_with(tmp_path: Path, change: dict) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir(parents=True)
+    config = json.loads((PARITY / "zipvoice" / "model.json").read_text())
+    config["model"].update(change)
+    (folder / "model.json").write_text(json.dumps(config))
+    (folder / "model.pt").symlink_to(PARITY / "zipvoice" / "model.pt")
+    (folder / "tokens.txt").symlink_to(PARITY / "tokens.txt")
+    return folder
+
+
+def test_model_json_sizes_are_checked_before_allocating(tmp_path):
+    huge = _model_folder_with(tmp_path / "huge", {"fm_decoder_dim": 10**7})
+    with pytest.raises(ValidationError, match=r"huge/model/model.json needs about .* available"):
+        load_pretrained(model_dir=huge)
+    negative = _model_folder_with(tmp_path / "neg", {"fm_decoder_dim": -64})
+    with pytest.raises(ModelConfigError, match=r"neg/model/model.json: sizes that cannot make"):
+        load_pretrained(model_dir=negative)
+
+
+def test_nan_weights_name_the_checkpoint(tmp_path):
+    folder = tmp_path / "model"
+    make_model_dir(folder, "zipvoice")
+    state = torch.load(PARITY / "zipvoice" / "model.pt", weights_only=True)["model"]
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    (folder / "model.pt").unlink()
+    torch.save({"model": state}, folder / "model.pt")
+    with pytest.raises(ValidationError, match=rf"model.pt: non-finite values .*{key}"):
+        load_pretrained(model_dir=folder)
+
+
+def test_lora_rank_is_checked_against_layers_and_memory(workdir):
+    from zipvoice.models.modules.lora_utils import get_lora_target_modules
+
+    model, *_ = load_pretrained(model_dir=workdir / "zipvoice")
+    targets = get_lora_target_modules(model, "attention")
+    check_lora_rank(model, targets, 4)
+    with pytest.raises(ValidationError, match="--lora-rank 100000 is larger than"):
+        check_lora_rank(model, targets, 100000)
+    with pytest.raises(ValidationError, match=r"needs about 1.0 GiB.*512.0 MiB available"):
+        check_fits_in_memory(2**30, "a test allocation", available=2**29)
+
+
+def test_hard_links_count_as_the_same_file(tmp_path):
+    original = tmp_path / "a.wav"
+    original.write_bytes(b"RIFF")
+    os.link(original, tmp_path / "b.wav")
+    with pytest.raises(ValidationError, match="is the input --prompt-wav"):
+        assert_not_input(tmp_path / "b.wav", {"--prompt-wav": original}, "--res-wav-path")
+    assert_not_input(tmp_path / "c.wav", {"--prompt-wav": original, "--other": None})
