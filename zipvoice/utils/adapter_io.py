@@ -35,9 +35,11 @@ from torch import Tensor, nn
 from zipvoice.models.modules.lora_utils import (
     get_peft_decoder,
     is_lora_model,
+    lora_init_name,
     lora_layers,
     merge_lora_weights,
 )
+from zipvoice.tokenizer.tokenizer import frontend_language
 from zipvoice.utils.fileio import atomic_replace_dir, atomic_write_json
 
 ADAPTER_META_FILE = "zipvoice_adapter.json"
@@ -141,11 +143,13 @@ def save_adapter(
                 "use_dora": bool(lora_config.use_dora),
                 "use_rslora": bool(lora_config.use_rslora),
                 "dropout": float(lora_config.lora_dropout),
-                "init": str(lora_config.init_lora_weights),
+                "init": lora_init_name(lora_config.init_lora_weights),
                 "target_modules": [name for name, _ in lora_layers(model)],
             },
         }
         meta.update(dict(extra or {}))
+        if "tokenizer" in meta:  # --lang is espeak's voice; record the language really read
+            meta["lang"] = frontend_language(str(meta["tokenizer"]), meta.get("lang"))
         atomic_write_json(tmp_dir / ADAPTER_META_FILE, meta)
 
     return atomic_replace_dir(out_dir, build)

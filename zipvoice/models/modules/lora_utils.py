@@ -98,21 +98,24 @@ def _linear_names(decoder: nn.Module) -> list[str]:
 def get_lora_target_modules(model: nn.Module, preset: str = "attention") -> list[str]:
     """Full decoder-relative names of the nn.Linear modules that get adapters.
 
-    `preset` is one of PRESETS, or a comma-separated list of suffixes ("self_attn1.in_proj") or
-    full names ("encoders.0.layers.0.self_attn1.in_proj", "fm_decoder." prefix allowed). Every
-    entry must select at least one nn.Linear, so that a typo fails instead of training nothing.
+    `preset` is a comma-separated list whose entries are preset names (PRESETS), suffixes
+    ("self_attn1.in_proj") or full names ("encoders.0.layers.0.self_attn1.in_proj",
+    "fm_decoder." prefix allowed); the union is adapted ("attention,feed_forward1.in_proj").
+    Every entry must select at least one nn.Linear, so that a typo fails instead of training
+    nothing.
     """
     linear_names = _linear_names(unwrap_decoder(model))
     if not linear_names:
         raise ValueError("the decoder has no nn.Linear modules to adapt")
-    if preset in PRESETS:
-        suffixes = PRESETS[preset]
-        if suffixes is None:
-            return linear_names
-    else:
-        suffixes = tuple(s.strip() for s in preset.split(",") if s.strip())
-        if not suffixes:
-            raise ValueError(f"empty LoRA target list {preset!r}")
+    entries = [entry.strip() for entry in preset.split(",") if entry.strip()]
+    if not entries:
+        raise ValueError(f"empty LoRA target list {preset!r}")
+    if any(PRESETS.get(entry, ()) is None for entry in entries):
+        return linear_names  # all_linear among them: the union is everything
+    suffixes: list[str] = []
+    for entry in entries:
+        preset_suffixes = PRESETS.get(entry)
+        suffixes.extend(preset_suffixes if preset_suffixes is not None else [entry])
     all_module_names = {name for name, _ in unwrap_decoder(model).named_modules()}
     selected: list[str] = []
     for raw in suffixes:
@@ -181,6 +184,16 @@ def create_lora_config(
         init_lora_weights=init_lora_weights,
         bias="none",
     )
+
+
+def lora_init_name(init_lora_weights: bool | str) -> str:
+    """The `--lora-init` name of a LoraConfig's init_lora_weights (PEFT spells the default
+    initialisation True, and False means B random too, no longer an identity start)."""
+    if init_lora_weights is True:
+        return "default"
+    if init_lora_weights is False:
+        return "random"
+    return str(init_lora_weights)
 
 
 def mutates_base_weights(config: LoraConfig) -> bool:
