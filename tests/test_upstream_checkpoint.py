@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pathlib
 import zipfile
@@ -106,7 +107,9 @@ def test_code_beside_the_allowed_paths_is_still_refused(tmp_path: Path):
     assert not marker.exists()
 
 
-def test_fine_tuning_starts_from_an_upstream_checkpoint(japanese_fbank_manifests, tmp_path: Path):
+def test_fine_tuning_starts_from_an_upstream_checkpoint(
+    japanese_fbank_manifests, tmp_path: Path, caplog
+):
     from zipvoice.bin.train_zipvoice import main
 
     path, state = _upstream_checkpoint(tmp_path / "upstream_exp")
@@ -133,7 +136,9 @@ def test_fine_tuning_starts_from_an_upstream_checkpoint(japanese_fbank_manifests
         "tensorboard": 0,
     }
     argv = [part for key, value in flags.items() for part in (f"--{key}", str(value))]
-    assert main(argv) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    assert "DoRA on 30 decoder projections" in caplog.text  # --use-dora defaults to 1
     meta = json.loads((exp_dir / "adapter" / "zipvoice_adapter.json").read_text())
     assert meta["base_fingerprint"] == fingerprint_state_dict(state)
     assert meta["base_checkpoint"] == str(path)

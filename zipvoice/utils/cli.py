@@ -27,6 +27,11 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportE
 P = ParamSpec("P")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` that keeps the description's line breaks (the usage examples stay runnable
+    commands, continuation backslashes included) and shows each flag's default."""
+
+
 def str2bool(value: str | bool) -> bool:
     """argparse type for upstream-style boolean flags (`--use-lora 1`, `--shuffle false`)."""
     if isinstance(value, bool):
@@ -63,9 +68,7 @@ class _DropLibraryInfo(logging.Filter):
         self.package_dir = package_dir
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.pathname.startswith(
-            self.package_dir
-        )
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.package_dir)
 
 
 @contextlib.contextmanager

@@ -871,7 +871,9 @@ def _train(
         f"{total:,}",
         f"{trainable:,}",
         100.0 * trainable / total,
-        f"; LoRA on {len(setup.lora_targets)} decoder projections" if args.use_lora else "",
+        f"; {'DoRA' if args.use_dora else 'LoRA'} on {len(setup.lora_targets)} decoder projections"
+        if args.use_lora
+        else "",
     )
     if setup.base_vocab_size and vocab_size != setup.base_vocab_size:
         logger.info("vocabulary extended from %d to %d tokens", setup.base_vocab_size, vocab_size)
