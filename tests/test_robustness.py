@@ -208,3 +208,22 @@ def test_all_help_texts_render(capsys):
         assert info.value.code == 0
     assert "griffin-lim" in capsys.readouterr().out
     assert Path  # used in type hints above
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def test_dev_tools_are_a_default_uv_group_and_a_pip_extra():
+    """uv installs the `dev` dependency group by default (a plain `uv run` keeps pytest and
+    ruff); scripts/setup.sh installs the `dev` extra with pip. Both must list the same tools."""
+    import tomllib
+
+    from tests.conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    group = project["dependency-groups"]["dev"]
+    assert group == project["project"]["optional-dependencies"]["dev"]
+    assert any(req.startswith("pytest") for req in group) and "ruff" in group
+    ignored = (REPO / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert "uv.lock" in ignored  # not committed: see README, installation notes
+    assert '".[dev]"' in (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
