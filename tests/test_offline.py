@@ -181,3 +181,18 @@ def test_missing_model_files_name_the_model_dir_layout(tmp_path, hub):
     assert "--model-dir" in last and "model.json" in last and "tokens.txt" in last
     assert len(hub.file_requests("zipvoice/model.pt")) == 1, hub.requests
     assert resolve_model_dir  # imported here too: the module loads without network
+
+
+def test_recipe_download_folder_offline(tmp_path, monkeypatch):
+    """The recipe downloads into download/ (local_dir): offline, a missing file is named with
+    where to put it; a file placed there by hand is used as it is."""
+    from zipvoice.utils.hub import HubUnavailableError, hub_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dest = tmp_path / "download"
+    with pytest.raises(HubUnavailableError, match=r"zipvoice/tokens.txt .*HF_HUB_OFFLINE.*put it"):
+        hub_file("k2-fsa/ZipVoice", "zipvoice/tokens.txt", instead="put it there", local_dir=dest)
+    (dest / "zipvoice").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PARITY / "tokens.txt", dest / "zipvoice" / "tokens.txt")
+    found = hub_file("k2-fsa/ZipVoice", "zipvoice/tokens.txt", instead="-", local_dir=dest)
+    assert found == dest / "zipvoice" / "tokens.txt"

@@ -30,14 +30,17 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_WORDS
 
 
-def _cached(repo_id: str, filename: str) -> Path | None:
+def _cached(repo_id: str, filename: str, local_dir: str | None) -> Path | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
+        path = hf_hub_download(
+            repo_id=repo_id, filename=filename, local_files_only=True, local_dir=local_dir
+        )
     except LocalEntryNotFoundError:
         return None
+    return Path(path)
 
 
 def _probe(repo_id: str, filename: str) -> str | None:
@@ -55,13 +58,19 @@ def _probe(repo_id: str, filename: str) -> str | None:
     return None
 
 
-def hub_file(repo_id: str, filename: str, *, instead: str) -> Path:
+def hub_file(
+    repo_id: str, filename: str, *, instead: str, local_dir: str | os.PathLike | None = None
+) -> Path:
     """The local path of `repo_id/filename`: from the cache, else downloaded.
 
     `instead` completes the error message: where to place the file by hand (the flag and the
-    folder layout) and the offline alternative, if there is one.
+    folder layout) and the offline alternative, if there is one. With `local_dir` the file
+    lands at `local_dir/filename` (the recipe's download/ folder) instead of the hub cache.
     """
-    cached = _cached(repo_id, filename)
+    local = None if local_dir is None else str(local_dir)
+    if local is not None and (Path(local) / filename).is_file():
+        return Path(local) / filename  # placed by hand or downloaded before
+    cached = _cached(repo_id, filename, local)
     if cached is not None:
         return cached
     if hub_offline():
@@ -75,7 +84,7 @@ def hub_file(repo_id: str, filename: str, *, instead: str) -> Path:
         )
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=local))
 
 
 def hub_files(repo_id: str, filenames: tuple[str, ...] | list[str], *, instead: str) -> list[Path]:
