@@ -239,3 +239,29 @@ def test_hard_links_count_as_the_same_file(tmp_path):
     with pytest.raises(ValidationError, match="is the input --prompt-wav"):
         assert_not_input(tmp_path / "b.wav", {"--prompt-wav": original}, "--res-wav-path")
     assert_not_input(tmp_path / "c.wav", {"--prompt-wav": original, "--other": None})
+
+
+def test_a_wav_write_that_runs_out_of_space_names_the_file(tmp_path):
+    """A file-size limit makes the write fail the way a full disk does (libsndfile says only
+    "System error."); the message must name the file and the likely cause, and leave no file."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "big.wav"
+    code = f"""
+import resource, signal, numpy as np
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+from zipvoice.utils.audio import save_wav
+try:
+    save_wav({str(out)!r}, np.zeros(48000, dtype=np.float32))
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.stdout.startswith(f"AudioError cannot write {out}:"), result
+    assert "is the disk full?" in result.stdout
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))

@@ -7,6 +7,7 @@ torch) they were given, so dataset code (numpy) and inference code (torch) share
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -269,5 +270,13 @@ def save_wav(
     if subtype == "PCM_16":
         data = np.clip(data, -1.0, 1.0)
 
-    atomic_write(path, lambda tmp: sf.write(tmp, data, sr, subtype=subtype, format="WAV"))
+    try:
+        atomic_write(path, lambda tmp: sf.write(tmp, data, sr, subtype=subtype, format="WAV"))
+    except (sf.LibsndfileError, OSError) as err:
+        # libsndfile reports a full disk (or a file-size limit) as "System error." only.
+        free = shutil.disk_usage(path.parent).free
+        raise AudioError(
+            f"cannot write {path}: {err} ({free / 2**20:.1f} MiB free in {path.parent}; "
+            "is the disk full?)"
+        ) from None
     return path
