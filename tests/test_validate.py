@@ -7,6 +7,7 @@ both the one-line message and that nothing was damaged.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -265,3 +266,21 @@ except Exception as err:
     assert result.stdout.startswith(f"AudioError cannot write {out}:"), result
     assert "is the disk full?" in result.stdout
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_transcript_that_cannot_be_the_prompts_is_warned_about(workdir, tmp_path, caplog):
+    out = tmp_path / "short.wav"
+    with caplog.at_level(logging.WARNING, logger="zipvoice.utils.infer"):
+        code = _infer(
+            workdir,
+            "--prompt-wav", str(workdir / "prompt.wav"),
+            "--prompt-text", PROMPT_TEXT * 40,
+            "--text", TEXT,
+            "--res-wav-path", str(out),
+        )  # fmt: skip
+    assert code == 0
+    assert "does --prompt-text say exactly what the prompt audio says?" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zipvoice.utils.infer"):
+        assert _single(workdir, tmp_path / "fine.wav") == 0
+    assert "--prompt-text" not in caplog.text
