@@ -284,3 +284,58 @@ def test_a_transcript_that_cannot_be_the_prompts_is_warned_about(workdir, tmp_pa
     with caplog.at_level(logging.WARNING, logger="zipvoice.utils.infer"):
         assert _single(workdir, tmp_path / "fine.wav") == 0
     assert "--prompt-text" not in caplog.text
+
+
+def test_an_adapter_of_another_peft_type_is_refused(workdir, tmp_path, capsys):
+    from tests.helpers import make_adapter
+
+    adapter = make_adapter(workdir / "zipvoice", tmp_path / "adapter", use_dora=False)
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["peft_type"] = "IA3"
+    config_path.write_text(json.dumps(config))
+    assert _single(workdir, tmp_path / "out.wav", "--lora-path", str(adapter)) == 1
+    err = capsys.readouterr().err
+    assert "peft_type 'IA3' is not a LoRA/DoRA adapter" in err and str(config_path) in err
+    assert not (tmp_path / "out.wav").exists()
+
+
+@pytest.mark.parametrize("file", ["adapter_model.safetensors", "text_side.safetensors"])
+def test_nan_in_an_adapter_names_the_file(workdir, tmp_path, capsys, file):
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers import make_adapter
+
+    adapter = make_adapter(workdir / "zipvoice", tmp_path / "adapter", use_dora=True)
+    state = load_file(adapter / file)
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, adapter / file)
+    assert _single(workdir, tmp_path / "out.wav", "--lora-path", str(adapter)) == 1
+    err = capsys.readouterr().err
+    assert f"{adapter / file}: non-finite values" in err and key in err, err
+
+
+def test_an_adapter_with_non_finite_weights_is_not_written(workdir, tmp_path):
+    from zipvoice.models.modules.lora_utils import (
+        apply_lora_to_model,
+        create_lora_config,
+        get_lora_target_modules,
+    )
+    from zipvoice.utils.adapter_io import save_adapter
+
+    model, _, token_file, _ = load_pretrained(model_dir=workdir / "zipvoice")
+    config = create_lora_config(rank=2, alpha=4, target_modules=get_lora_target_modules(model))
+    apply_lora_to_model(model, config)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+    with pytest.raises(ValidationError, match="refusing to write the adapter .*lora_B.*diverged"):
+        save_adapter(
+            model,
+            tmp_path / "adapter",
+            base_fingerprint="x",
+            token_file=token_file,
+            model_config=workdir / "zipvoice" / "model.json",
+        )
+    assert not (tmp_path / "adapter").exists()

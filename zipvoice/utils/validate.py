@@ -184,7 +184,11 @@ def check_lora_rank(model: Any, target_modules: Iterable[str], rank: int) -> Non
     check_fits_in_memory(lora_bytes(shapes, rank), f"--lora-rank {rank} on {len(shapes)} layers")
 
 
-def check_finite_tensors(state: Mapping[str, Any], source: str | os.PathLike) -> None:
+def check_finite_tensors(
+    state: Mapping[str, Any],
+    source: str | os.PathLike,
+    hint: str = "the file comes from a run that diverged or is corrupt",
+) -> None:
     """Name the file and the first tensors holding NaN or infinity (a diverged run's save):
     caught here, not later as "wave contains NaN"."""
     import torch
@@ -199,8 +203,7 @@ def check_finite_tensors(state: Mapping[str, Any], source: str | os.PathLike) ->
     if bad:
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
         raise ValidationError(
-            f"{source}: non-finite values (NaN or inf) in {bad[:3]}{more}; the file comes from "
-            "a run that diverged or is corrupt"
+            f"{source}: non-finite values (NaN or inf) in {bad[:3]}{more}; {hint}"
         )
 
 
