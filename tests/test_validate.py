@@ -339,3 +339,15 @@ def test_an_adapter_with_non_finite_weights_is_not_written(workdir, tmp_path):
             model_config=workdir / "zipvoice" / "model.json",
         )
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_token_file_larger_than_the_adapters_embedding_is_named(workdir, tmp_path, capsys):
+    from tests.helpers import make_adapter
+
+    adapter = make_adapter(workdir / "zipvoice", tmp_path / "adapter", use_dora=False)
+    tokens = adapter / "tokens.txt"
+    count = len(read_token_file(tokens))
+    tokens.write_text(tokens.read_text() + f"zz\t{count}\n")
+    assert _single(workdir, tmp_path / "out.wav", "--lora-path", str(adapter)) == 1
+    err = capsys.readouterr().err
+    assert f"{tokens} has ids up to {count} but {adapter} embeds only {count} tokens" in err, err

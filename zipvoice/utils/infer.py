@@ -35,6 +35,7 @@ from zipvoice.utils.feature import compute_vocos_mel
 from zipvoice.utils.validate import (
     assert_not_input,
     check_fields_not_empty,
+    check_tokens_fit_embedding,
     finite_float,
     non_negative_float,
     positive_float,
@@ -492,6 +493,8 @@ def load_model_for_inference(
         )
         if token_file is not None:
             token_path = Path(token_file)
+    source = lora_path if lora_path is not None else checkpoint_path
+    check_tokens_fit_embedding(token_path, int(model.embed.weight.shape[0]), source)
     model.eval()
     return model, token_path, meta
 

@@ -207,6 +207,21 @@ def check_finite_tensors(
         )
 
 
+def check_tokens_fit_embedding(
+    token_file: str | os.PathLike, vocab_size: int, model_source: str | os.PathLike
+) -> None:
+    """Every id of `token_file` must have an embedding row; a token file larger than the model
+    (or its adapter) would fail with IndexError at the first sentence that uses a new id."""
+    from zipvoice.tokenizer.token_file import read_token_file
+
+    ids = read_token_file(token_file).values()
+    if max(ids) >= vocab_size:
+        raise ValidationError(
+            f"{token_file} has ids up to {max(ids)} but {model_source} embeds only {vocab_size} "
+            "tokens: use the token file the model (or adapter) was trained with"
+        )
+
+
 # ----------------------------------------------------------------------------- text files
 
 
