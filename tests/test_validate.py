@@ -351,3 +351,27 @@ def test_a_token_file_larger_than_the_adapters_embedding_is_named(workdir, tmp_p
     assert _single(workdir, tmp_path / "out.wav", "--lora-path", str(adapter)) == 1
     err = capsys.readouterr().err
     assert f"{tokens} has ids up to {count} but {adapter} embeds only {count} tokens" in err, err
+
+
+def test_other_text_inputs_name_file_and_line(tmp_path):
+    from zipvoice.dataset.manifests import read_tsv_rows
+    from zipvoice.dataset.synthetic import load_sentences
+    from zipvoice.tokenizer.token_file import prepare_token_file
+
+    sentences = tmp_path / "sentences.txt"
+    first, second = "一つ目。\n".encode(), "二つ目。\n".encode("shift_jis")
+    sentences.write_bytes(b"\xef\xbb\xbf" + first + second)
+    with pytest.raises(ValidationError, match=r"sentences.txt:2: not UTF-8"):
+        load_sentences(sentences)
+    sentences.write_bytes(b"\xef\xbb\xbf" + "一つ目。\n".encode())
+    assert load_sentences(sentences) == ["一つ目。"]  # the BOM is not part of the sentence
+
+    tsv = tmp_path / "data.tsv"
+    tsv.write_bytes(b"a\tok\ta.wav\nb\tbad\x00\tb.wav\n")
+    rows, rejected = read_tsv_rows(tsv)
+    assert [r.line for r in rejected] == [2] and "NUL byte" in rejected[0].reason
+
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("あ\n".encode("shift_jis"))
+    with pytest.raises(ValidationError, match=r"texts.txt:1: not UTF-8"):
+        prepare_token_file("simple", tmp_path / "tokens.txt", text_file=texts)

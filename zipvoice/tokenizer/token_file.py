@@ -187,10 +187,7 @@ def prepare_token_file(
             raise ValueError(f"{err}; pass a text file to collect its tokens from") from None
         new_tokens = []
     if text_file is not None:
-        text_path = Path(text_file)
-        if not text_path.is_file():
-            raise FileNotFoundError(f"text file not found: {text_path}")
-        texts = text_path.read_text(encoding="utf-8").splitlines()
+        texts = [line for _, line in read_text_lines(text_file, what="text file")]
         seen = {token for tokens in tokenizer.texts_to_tokens(texts) for token in tokens}
         new_tokens.extend(sorted(seen))
 
