@@ -270,7 +270,7 @@ except Exception as err:
 
 def test_a_transcript_that_cannot_be_the_prompts_is_warned_about(workdir, tmp_path, caplog):
     out = tmp_path / "short.wav"
-    with caplog.at_level(logging.WARNING, logger="zipvoice.utils.infer"):
+    with caplog.at_level(logging.WARNING):
         code = _infer(
             workdir,
             "--prompt-wav", str(workdir / "prompt.wav"),
@@ -281,7 +281,7 @@ def test_a_transcript_that_cannot_be_the_prompts_is_warned_about(workdir, tmp_pa
     assert code == 0
     assert "does --prompt-text say exactly what the prompt audio says?" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="zipvoice.utils.infer"):
+    with caplog.at_level(logging.WARNING):
         assert _single(workdir, tmp_path / "fine.wav") == 0
     assert "--prompt-text" not in caplog.text
 

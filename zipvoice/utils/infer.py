@@ -41,6 +41,7 @@ from zipvoice.utils.validate import (
     positive_float,
     positive_int,
     read_text_lines,
+    warn_if_transcript_mismatch,
 )
 
 logger = logging.getLogger(__name__)
@@ -219,28 +220,6 @@ def prepare_prompt(
     return Prompt(features * feat_scale, tokens, duration, float(scale))
 
 
-# Seconds of prompt audio per token outside which the transcript cannot be the audio's: the
-# generated speech's length follows this ratio (0.05 s of output from a mismatched prompt).
-PLAUSIBLE_SECONDS_PER_TOKEN = (0.02, 0.5)
-
-
-def warn_if_transcript_mismatch(prompt: Prompt) -> None:
-    """Warn when the prompt's audio and transcript lengths do not fit each other."""
-    per_token = prompt.duration / max(1, len(prompt.tokens))
-    low, high = PLAUSIBLE_SECONDS_PER_TOKEN
-    if not low <= per_token <= high:
-        logger.warning(
-            "the prompt has %.2f s of audio for %d tokens of transcript (%.3f s each, usually "
-            "%.2f-%.2f): does --prompt-text say exactly what the prompt audio says? The output "
-            "length follows this ratio",
-            prompt.duration,
-            len(prompt.tokens),
-            per_token,
-            low,
-            high,
-        )
-
-
 # (token ids per chunk, prompt token ids, prompt features (T, F)) -> mel (F, T_i) per chunk
 SampleFn = Callable[[list[list[int]], list[int], np.ndarray], list[np.ndarray]]
 VocodeFn = Callable[[np.ndarray], np.ndarray]  # mel (F, T) -> wave (samples,)
@@ -288,7 +267,7 @@ def generate_wave(
     if not tokens:
         raise InferenceError(f"text {text!r} gives no tokens")
     token_duration = prompt.duration / (len(prompt.tokens) * speed)
-    warn_if_transcript_mismatch(prompt)
+    warn_if_transcript_mismatch(prompt.duration, len(prompt.tokens))
     max_tokens = max(1, int((MAX_CHUNK_SECONDS - prompt.duration) / token_duration))
     chunks = chunk_tokens_punctuation(tokens, max_tokens=max_tokens)
     chunk_ids = tokens_to_ids(chunks)

@@ -16,11 +16,14 @@ naming the flag or the file and line, instead of deep inside torch or a codec.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 UTF8_BOM = "\ufeff"
 # Fraction of the available memory a planned allocation may take: the rest is for activations,
@@ -272,6 +275,28 @@ def check_fields_not_empty(path: str | os.PathLike, number: int, fields: Mapping
     empty = [name for name, value in fields.items() if not value.strip()]
     if empty:
         raise ValidationError(f"{path}:{number}: empty {', '.join(empty)}")
+
+
+# Seconds of prompt audio per token outside which the transcript cannot be the audio's: the
+# generated speech's length follows this ratio (0.05 s of output from a mismatched prompt).
+PLAUSIBLE_SECONDS_PER_TOKEN = (0.02, 0.5)
+
+
+def warn_if_transcript_mismatch(duration: float, num_tokens: int) -> None:
+    """Warn when a prompt's audio length and transcript length do not fit each other."""
+    per_token = duration / max(1, num_tokens)
+    low, high = PLAUSIBLE_SECONDS_PER_TOKEN
+    if not low <= per_token <= high:
+        logger.warning(
+            "the prompt has %.2f s of audio for %d tokens of transcript (%.3f s each, usually "
+            "%.2f-%.2f): does --prompt-text say exactly what the prompt audio says? The output "
+            "length follows this ratio",
+            duration,
+            num_tokens,
+            per_token,
+            low,
+            high,
+        )
 
 
 # ----------------------------------------------------------------------------- paths, devices
