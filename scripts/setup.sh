@@ -33,10 +33,17 @@ pip_install --no-deps "resemblyzer==0.1.4"
 # Speech engines the evaluation tests synthesise voices with (Debian/Ubuntu packages). Installed
 # when missing and apt-get can run; otherwise those tests skip and say why.
 if ! command -v flite > /dev/null || ! command -v espeak-ng > /dev/null; then
+  apt=""
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-    apt-get install -y -q flite espeak-ng > /dev/null || echo "setup: could not install flite/espeak-ng"
+    apt="apt-get"
   elif command -v sudo > /dev/null && sudo -n true 2> /dev/null; then
-    sudo -n apt-get install -y -q flite espeak-ng > /dev/null || echo "setup: could not install flite/espeak-ng"
+    apt="sudo -n apt-get"
+  fi
+  if [ -n "$apt" ]; then
+    # A fresh machine may have empty package lists: update once if the first try fails.
+    $apt install -y -q flite espeak-ng > /dev/null 2>&1 \
+      || { $apt update -q > /dev/null 2>&1 && $apt install -y -q flite espeak-ng > /dev/null; } \
+      || echo "setup: could not install flite/espeak-ng; some eval tests will skip"
   else
     echo "setup: flite/espeak-ng missing (apt-get install flite espeak-ng); some eval tests will skip"
   fi

@@ -129,7 +129,9 @@ def setup_run_logging(exp_dir: Path, rank: int) -> logging.Handler | None:
     return handler
 
 
-def log_model_summary(model: Any, setup: Any, use_lora: bool) -> tuple[int, int]:
+def log_model_summary(
+    model: Any, setup: Any, use_lora: bool, use_dora: bool = False
+) -> tuple[int, int]:
     """Log the parameter counts (and a vocabulary extension); return (trainable, total)."""
     from zipvoice.models.modules.lora_utils import count_parameters
 
@@ -139,7 +141,9 @@ def log_model_summary(model: Any, setup: Any, use_lora: bool) -> tuple[int, int]
         f"{total:,}",
         f"{trainable:,}",
         100.0 * trainable / total,
-        f"; LoRA on {len(setup.lora_targets)} decoder projections" if use_lora else "",
+        f"; {'DoRA' if use_dora else 'LoRA'} on {len(setup.lora_targets)} decoder projections"
+        if use_lora
+        else "",
     )
     if setup.base_vocab_size and setup.vocab_size != setup.base_vocab_size:
         logger.info(

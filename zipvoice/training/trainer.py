@@ -197,8 +197,9 @@ class Trainer:
             trainable=self.trainable,
         )
         self.model: nn.Module = self.setup_result.model
+        adapter = self.config.adapter
         self.param_counts = log_model_summary(
-            self.model, self.setup_result, self.config.adapter.use_lora
+            self.model, self.setup_result, adapter.use_lora, adapter.lora.use_dora
         )
         self.identity = ckpt.run_identity(
             config, self.setup_result.base_fingerprint, self.setup_result.lora_targets,
