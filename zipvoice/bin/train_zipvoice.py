@@ -146,7 +146,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "evaluation",
-        "Synthesise and score a few sentences at each validation (docs/evaluation.md).",
+        "Synthesise and score a few sentences at each validation (docs/lora.md).",
     )
     add = group.add_argument
     # fmt: off
