@@ -90,12 +90,15 @@ def _praat_f0(wave: np.ndarray, sample_rate: int, config: F0Config) -> np.ndarra
             "F0 method 'praat' needs praat-parselmouth (pip install praat-parselmouth)"
         ) from err
     step = config.frame_period_ms / 1000.0
+    num_frames = int(len(wave) / sample_rate / step) + 1
+    if len(wave) / sample_rate < 3.0 / config.f0_floor + step:
+        # Praat needs three periods of the lowest pitch; a shorter clip has no F0 to find.
+        return np.zeros(num_frames)
     sound = parselmouth.Sound(np.asarray(wave, dtype=np.float64), sampling_frequency=sample_rate)
     pitch = sound.to_pitch_ac(
         time_step=step, pitch_floor=config.f0_floor, pitch_ceiling=config.f0_ceil
     )
     # Resample Praat's frame grid onto pyworld's (frame k at k * step seconds).
-    num_frames = int(len(wave) / sample_rate / step) + 1
     times = np.arange(num_frames) * step
     values = np.nan_to_num(pitch.selected_array["frequency"])
     frame_times = pitch.xs()

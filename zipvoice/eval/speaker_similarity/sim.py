@@ -62,9 +62,15 @@ class ResemblyzerEncoder:
     def embed(self, wav: np.ndarray) -> np.ndarray:
         """Unit-norm embedding of a 16 kHz clip. Resemblyzer trims pauses with a VAD first;
         a clip the VAD finds no speech in (a tone, noise) is embedded untrimmed."""
+        if wav.size == 0 or float(np.max(np.abs(wav))) < 1e-6:
+            raise EvalError("the clip is silent: no speaker to embed")
         trimmed = self._preprocess(wav, source_sr=SAMPLE_RATE)
         if trimmed.size < SAMPLE_RATE // 4:
-            trimmed = self._preprocess(wav, source_sr=SAMPLE_RATE, trim_silence=False)
+            # resemblyzer 0.1.4's preprocess_wav always trims; do its volume step only.
+            from resemblyzer.audio import normalize_volume
+            from resemblyzer.hparams import audio_norm_target_dBFS
+
+            trimmed = normalize_volume(wav, audio_norm_target_dBFS, increase_only=True)
         return self._encoder.embed_utterance(trimmed.astype(np.float32))
 
 
