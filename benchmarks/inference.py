@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -36,12 +37,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    CHECKOUT,
     MIB,
     RELEASED_VOCAB_SIZE,
     PeakMemory,
+    check_code_root,
     describe_machine,
     emit_result,
+    export_revision,
     format_table,
+    import_first,
+    interleaved,
+    max_abs_difference,
     median,
     release_freed_memory,
     released_model_config,
@@ -50,7 +57,8 @@ from _common import (  # noqa: E402
     synchronize,
 )
 
-METHODS = ("base", "merged", "lora", "dora", "onnx-fp32", "onnx-int8")
+METHODS = ("base", "distill", "merged", "lora", "dora", "onnx-fp32", "onnx-int8")
+INFER_MODULES = ("zipvoice.utils.infer", "zipvoice.inference.infer", "zipvoice.inference")
 PRESETS = {
     # name: (num_step, prompt seconds, output seconds, repeats)
     "quick": (2, 1.0, 2.0, 3),
@@ -62,12 +70,12 @@ PAD_ID = 0
 T_SHIFT = 0.5
 
 
-def build_base(cli: argparse.Namespace) -> torch.nn.Module:
+def build_base(cli: argparse.Namespace, distill: bool = False) -> torch.nn.Module:
     from zipvoice.models.loader import build_model
 
     config, _ = released_model_config(cli.model_config)
     torch.manual_seed(0)
-    return build_model(config, cli.vocab_size, PAD_ID).eval()
+    return build_model(config, cli.vocab_size, PAD_ID, distill=distill).eval()
 
 
 def build_variant(method: str, cli: argparse.Namespace) -> torch.nn.Module:
@@ -80,8 +88,8 @@ def build_variant(method: str, cli: argparse.Namespace) -> torch.nn.Module:
         merge_lora_weights,
     )
 
-    model = build_base(cli)
-    if method == "base":
+    model = build_base(cli, distill=method == "distill")
+    if method in ("base", "distill"):
         return model
     targets = get_lora_target_modules(model, cli.lora_preset)
     config = create_lora_config(
@@ -119,9 +127,14 @@ def released_vocoder(device: torch.device) -> torch.nn.Module:
 
 
 def worker(cli: argparse.Namespace) -> None:
-    from zipvoice.utils.infer import torch_sampler, torch_vocoder
+    check_code_root(cli.code_root)
+    torch_sampler = import_first("torch_sampler", *INFER_MODULES)
+    torch_vocoder = import_first("torch_vocoder", *INFER_MODULES)
 
     method = cli.worker
+    if method == "export":
+        emit_result({"method": method, "export_seconds": export_onnx(cli, cli.onnx_dir)})
+        return
     torch_device = resolve_device(cli.device)
     is_onnx = method.startswith("onnx")
     run_device = torch.device("cpu") if is_onnx else torch_device
@@ -129,7 +142,9 @@ def worker(cli: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
 
     if is_onnx:
-        from zipvoice.utils.infer_onnx import OnnxZipVoice
+        OnnxZipVoice = import_first(  # noqa: N806
+            "OnnxZipVoice", "zipvoice.utils.infer_onnx", "zipvoice.onnx.infer", "zipvoice.onnx"
+        )
 
         onnx_model = OnnxZipVoice(cli.onnx_dir, int8=method == "onnx-int8", num_thread=threads)
         feat_dim = onnx_model.feat_dim
@@ -167,6 +182,7 @@ def worker(cli: argparse.Namespace) -> None:
     run_seconds: list[float] = []
     audio_seconds = 0.0
     for _ in range(cli.repeats):
+        torch.manual_seed(1234)  # the same initial noise in every run and every revision
         synchronize(torch_device)
         start = time.perf_counter()
         (mel,) = sample([text_ids], prompt_ids, prompt_features, cli.num_step)
@@ -175,6 +191,8 @@ def worker(cli: argparse.Namespace) -> None:
         synchronize(torch_device)
         run_seconds.append(time.perf_counter() - start)
         audio_seconds = mel.shape[1] * HOP_LENGTH / SAMPLE_RATE
+    if cli.save_output is not None:
+        np.save(cli.save_output, np.asarray(mel, dtype=np.float32))
     emit_result(
         {
             "method": method,
@@ -192,8 +210,9 @@ def worker(cli: argparse.Namespace) -> None:
 
 def export_onnx(cli: argparse.Namespace, out_dir: Path) -> float:
     """Export the base model (text encoder, decoder, their int8 versions); returns seconds."""
-    from zipvoice.utils.onnx_export import export_model
-
+    export_model = import_first(
+        "export_model", "zipvoice.utils.onnx_export", "zipvoice.onnx.export", "zipvoice.onnx"
+    )
     model = build_base(cli)
     token_file = out_dir / "tokens_in.txt"
     token_file.write_text(
@@ -237,15 +256,26 @@ def main() -> None:
     parser.add_argument("--model-config", type=Path, default=None, help="default: released")
     parser.add_argument("--vocab-size", type=int, default=RELEASED_VOCAB_SIZE)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REF",
+        help="also run git revision REF's code side by side (interleaved) and print ratios",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --baseline: worker processes per revision"
+    )
     parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--save-output", type=Path, default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args()
     num_step, prompt_s, output_s, repeats = PRESETS[cli.preset]
     cli.num_step = cli.num_step if cli.num_step is not None else num_step
     cli.prompt_seconds = cli.prompt_seconds if cli.prompt_seconds is not None else prompt_s
     cli.output_seconds = cli.output_seconds if cli.output_seconds is not None else output_s
     cli.repeats = cli.repeats if cli.repeats is not None else repeats
-    if cli.num_step < 1 or cli.repeats < 1 or cli.warmup < 0:
-        raise SystemExit("--num-step and --repeats must be >= 1, --warmup >= 0")
+    if cli.num_step < 1 or cli.repeats < 1 or cli.warmup < 0 or cli.rounds < 1:
+        raise SystemExit("--num-step, --repeats and --rounds must be >= 1, --warmup >= 0")
     if cli.prompt_seconds <= 0 or cli.output_seconds <= 0:
         raise SystemExit("--prompt-seconds and --output-seconds must be positive")
     if cli.worker is not None:
@@ -276,51 +306,112 @@ def main() -> None:
     if cli.model_config is not None:
         forwarded.append(f"--model-config={cli.model_config}")
 
-    results = []
-    export_seconds = None
-    with tempfile.TemporaryDirectory(prefix="zipvoice-bench-onnx-") as tmp:
-        if any(m.startswith("onnx") for m in methods):
-            print("exporting ONNX ...", file=sys.stderr, flush=True)
-            export_seconds = export_onnx(cli, Path(tmp))
-        for method in methods:
-            print(f"running {method} ...", file=sys.stderr, flush=True)
-            argv = [*forwarded, f"--worker={method}", f"--onnx-dir={tmp}"]
-            results.append(run_worker(Path(__file__), argv, method))
-
-    reference = next((r for r in results if r["method"] == "base"), results[0])
-    ref_seconds = median(reference["run_seconds"])
+    with tempfile.TemporaryDirectory(prefix="zipvoice-bench-") as tmp:
+        revisions = {"current": CHECKOUT}
+        if cli.baseline is not None:
+            revisions[cli.baseline] = Path(tmp) / "baseline"
+            export_revision(cli.baseline, revisions[cli.baseline])
+        results = run_all(cli, methods, forwarded, revisions, Path(tmp))
     print(
         f"inference: {config_source}, random weights; {cli.num_step} steps, guidance "
         f"{cli.guidance_scale}, t_shift {T_SHIFT}, {cli.prompt_seconds:g} s prompt -> "
-        f"{reference['audio_seconds']:.2f} s of audio; median of {cli.repeats} run(s) after "
-        f"{cli.warmup} one-step warm-up; vocoder {'included' if cli.vocoder else 'not included'}"
+        f"{results[0]['audio_seconds']:.2f} s of audio; median of {cli.repeats} run(s) x "
+        f"{cli.rounds} process(es) after {cli.warmup} one-step warm-up; vocoder "
+        f"{'included' if cli.vocoder else 'not included'}"
     )
     print(
         f"{results[0]['machine']}; adapters rank {cli.rank} alpha {2 * cli.rank} on "
         f"{cli.lora_preset}; memory: {results[0]['memory_label']} while generating "
-        f"(ONNX rows: peak RSS); ratios to {reference['method']}"
+        f"(ONNX rows: peak RSS); load average at the start {os.getloadavg()[0]:.2f}"
     )
-    if export_seconds is not None:
-        print(f"ONNX export (fp32 + int8) took {export_seconds:.1f} s, not in the table")
-    headers = ["method", "device", "seconds", "RTF", "time ratio", "loaded MiB", "peak MiB"]
-    headers.append("peak ratio")
+    for revision, seconds in results[0]["export_seconds"].items():
+        print(f"ONNX export (fp32 + int8, {revision}) took {seconds:.1f} s, not in the table")
+    print_table(results, cli.baseline)
+
+
+def run_all(
+    cli: argparse.Namespace,
+    methods: list[str],
+    forwarded: list[str],
+    revisions: dict[str, Path],
+    tmp: Path,
+) -> list[dict]:
+    """Every method under every revision, revisions interleaved (ABBA over --rounds); the
+    runs of one (method, revision) are pooled. Each result carries its revision and the
+    largest |difference| of its output from the baseline's."""
+    export_seconds: dict[str, float] = {}
+    onnx_dirs = {}
+    for label, root in revisions.items():
+        onnx_dirs[label] = tmp / f"onnx-{len(onnx_dirs)}"
+        if any(m.startswith("onnx") for m in methods):
+            print(f"exporting ONNX ({label}) ...", file=sys.stderr, flush=True)
+            argv = [*forwarded, "--worker=export", f"--onnx-dir={onnx_dirs[label]}"]
+            onnx_dirs[label].mkdir()
+            export_seconds[label] = run_worker(Path(__file__), argv, "export", root)[
+                "export_seconds"
+            ]
+    results = []
+    for method in methods:
+        pooled: dict[str, dict] = {}
+        for label in interleaved(cli.rounds if len(revisions) > 1 else 1, list(revisions)):
+            print(f"running {method} ({label}) ...", file=sys.stderr, flush=True)
+            output = tmp / f"{method}-{list(revisions).index(label)}.npy"
+            argv = [
+                *forwarded,
+                f"--worker={method}",
+                f"--onnx-dir={onnx_dirs[label]}",
+                f"--save-output={output}",
+            ]
+            result = run_worker(Path(__file__), argv, f"{method} ({label})", revisions[label])
+            if label in pooled:
+                pooled[label]["run_seconds"] += result["run_seconds"]
+                pooled[label]["peak_bytes"] = max(pooled[label]["peak_bytes"], result["peak_bytes"])
+            else:
+                pooled[label] = dict(result, revision=label, output=output)
+        for result in pooled.values():
+            base = pooled.get(cli.baseline) if cli.baseline is not None else None
+            result["max_diff"] = (
+                max_abs_difference(result["output"], base["output"]) if base is not None else None
+            )
+            result["output"] = str(result["output"])
+            results.append(dict(result, export_seconds=export_seconds))
+    return results
+
+
+def print_table(results: list[dict], baseline: str | None) -> None:
+    """One row per (method, revision): time and memory, ratios to the same revision's base
+    model and, with a baseline, to the same method under the baseline."""
+    by_key = {(r["method"], r["revision"]): r for r in results}
+    headers = ["method", "revision", "device", "seconds", "RTF", "time ratio"]
+    if baseline is not None:
+        headers += ["vs baseline", "max |diff|"]
+    headers += ["loaded MiB", "peak MiB", "peak ratio"]
     rows = []
     for r in results:
         seconds = median(r["run_seconds"])
+        reference = by_key.get(("base", r["revision"]), r)
+        ref_seconds = median(reference["run_seconds"])
+        row = [
+            r["method"],
+            r["revision"],
+            r["device"],
+            f"{seconds:.3f}",
+            f"{seconds / r['audio_seconds']:.3f}",
+            f"{seconds / ref_seconds:.2f}",
+        ]
+        if baseline is not None:
+            base = by_key.get((r["method"], baseline))
+            row.append(f"{seconds / median(base['run_seconds']):.2f}" if base else "-")
+            row.append("-" if r["max_diff"] is None else f"{r['max_diff']:.1e}")
         same_meter = r["device"] == reference["device"]
-        rows.append(
-            [
-                r["method"],
-                r["device"],
-                f"{seconds:.3f}",
-                f"{seconds / r['audio_seconds']:.3f}",
-                f"{seconds / ref_seconds:.2f}",
-                f"{r['loaded_bytes'] / MIB:.0f}",
-                f"{r['peak_bytes'] / MIB:.0f}",
-                f"{r['peak_bytes'] / reference['peak_bytes']:.2f}" if same_meter else "-",
-            ]
-        )
+        row += [
+            f"{r['loaded_bytes'] / MIB:.0f}",
+            f"{r['peak_bytes'] / MIB:.0f}",
+            f"{r['peak_bytes'] / reference['peak_bytes']:.2f}" if same_meter else "-",
+        ]
+        rows.append(row)
     print(format_table(headers, rows))
+    print("time ratio / peak ratio: to base under the same revision")
 
 
 if __name__ == "__main__":
