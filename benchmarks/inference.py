@@ -173,6 +173,16 @@ def worker(cli: argparse.Namespace) -> None:
     vocode = torch_vocoder(released_vocoder(torch_device), torch_device) if cli.vocoder else None
     text_ids, prompt_ids, prompt_features = synthetic_inputs(cli, feat_dim)
 
+    if cli.profile:
+        for _ in range(cli.warmup):
+            sample([text_ids], prompt_ids, prompt_features, 1)
+        emit_result(
+            {
+                "method": method,
+                "profile": profile_one_step(sample, text_ids, prompt_ids, prompt_features),
+            }
+        )
+        return
     memory = PeakMemory(torch_device if not is_onnx else run_device)
     release_freed_memory()
     loaded_bytes = memory.current_bytes()
@@ -206,6 +216,52 @@ def worker(cli: argparse.Namespace) -> None:
             "machine": describe_machine(torch_device, threads),
         }
     )
+
+
+def profile_one_step(sample, text_ids, prompt_ids, prompt_features) -> dict:
+    """torch.profiler over a one-step generation (one decoder call, the guidance batch, plus
+    the text encoder once): {op: [self CPU ms, calls]} and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(1234)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sample([text_ids], prompt_ids, prompt_features, 1)
+    events = prof.key_averages()
+    ops = {
+        e.key: [e.self_cpu_time_total / 1e3, e.count] for e in events if e.key.startswith("aten::")
+    }
+    return {"ops": ops, "total_ms": sum(e.self_cpu_time_total for e in events) / 1e3}
+
+
+def print_profiles(results: list[dict], top: int = 15) -> None:
+    """The ops costing most in any revision, self CPU ms per one-step generation."""
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows_of = [r for r in results if r["method"] == method]
+        union: dict[str, float] = {}
+        for r in rows_of:
+            for op, (ms, _) in r["profile"]["ops"].items():
+                union[op] = max(union.get(op, 0.0), ms)
+        headers = ["op"] + [f"{r['revision']} ms (calls)" for r in rows_of]
+        if len(rows_of) == 2:
+            headers.append("ratio")
+        rows = []
+        for op in sorted(union, key=lambda o: -union[o])[:top]:
+            cells = [op]
+            values = []
+            for r in rows_of:
+                ms, calls = r["profile"]["ops"].get(op, [0.0, 0])
+                values.append(ms)
+                cells.append(f"{ms:.1f} ({calls})")
+            if len(rows_of) == 2:
+                cells.append(f"{values[0] / values[1]:.2f}" if values[1] else "-")
+            rows.append(cells)
+        totals = [f"{r['profile']['total_ms']:.1f}" for r in rows_of]
+        rows.append(
+            ["all ops (total)", *totals]
+            + (["%.2f" % (float(totals[0]) / float(totals[1]))] if len(rows_of) == 2 else [])
+        )
+        print(f"profile of {method}: one Euler step with guidance, top {top} ops by self CPU time")
+        print(format_table(headers, rows))
 
 
 def export_onnx(cli: argparse.Namespace, out_dir: Path) -> float:
@@ -265,6 +321,11 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="with --baseline: worker processes per revision"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: torch.profiler's top ops for one Euler step per method",
+    )
     parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--save-output", type=Path, default=None, help=argparse.SUPPRESS)
@@ -311,7 +372,14 @@ def main() -> None:
         if cli.baseline is not None:
             revisions[cli.baseline] = Path(tmp) / "baseline"
             export_revision(cli.baseline, revisions[cli.baseline])
+        if cli.profile:
+            methods = [m for m in methods if not m.startswith("onnx")]
+            forwarded.append("--profile")
         results = run_all(cli, methods, forwarded, revisions, Path(tmp))
+    if cli.profile:
+        print(f"{config_source}; {cli.prompt_seconds:g} s prompt + {cli.output_seconds:g} s")
+        print_profiles(results)
+        return
     print(
         f"inference: {config_source}, random weights; {cli.num_step} steps, guidance "
         f"{cli.guidance_scale}, t_shift {T_SHIFT}, {cli.prompt_seconds:g} s prompt -> "
@@ -363,15 +431,18 @@ def run_all(
                 f"--save-output={output}",
             ]
             result = run_worker(Path(__file__), argv, f"{method} ({label})", revisions[label])
-            if label in pooled:
+            if "profile" in result:
+                pooled[label] = dict(result, revision=label, output=None)
+            elif label in pooled:
                 pooled[label]["run_seconds"] += result["run_seconds"]
                 pooled[label]["peak_bytes"] = max(pooled[label]["peak_bytes"], result["peak_bytes"])
             else:
                 pooled[label] = dict(result, revision=label, output=output)
         for result in pooled.values():
             base = pooled.get(cli.baseline) if cli.baseline is not None else None
+            has_outputs = base is not None and base["output"] is not None
             result["max_diff"] = (
-                max_abs_difference(result["output"], base["output"]) if base is not None else None
+                max_abs_difference(result["output"], base["output"]) if has_outputs else None
             )
             result["output"] = str(result["output"])
             results.append(dict(result, export_seconds=export_seconds))
@@ -382,26 +453,27 @@ def print_table(results: list[dict], baseline: str | None) -> None:
     """One row per (method, revision): time and memory, ratios to the same revision's base
     model and, with a baseline, to the same method under the baseline."""
     by_key = {(r["method"], r["revision"]): r for r in results}
-    headers = ["method", "revision", "device", "seconds", "RTF", "time ratio"]
+    headers = ["method", "revision", "device", "median s", "best s", "RTF", "time ratio"]
     if baseline is not None:
         headers += ["vs baseline", "max |diff|"]
     headers += ["loaded MiB", "peak MiB", "peak ratio"]
     rows = []
     for r in results:
-        seconds = median(r["run_seconds"])
+        seconds = min(r["run_seconds"])
         reference = by_key.get(("base", r["revision"]), r)
-        ref_seconds = median(reference["run_seconds"])
+        ref_seconds = min(reference["run_seconds"])
         row = [
             r["method"],
             r["revision"],
             r["device"],
+            f"{median(r['run_seconds']):.3f}",
             f"{seconds:.3f}",
             f"{seconds / r['audio_seconds']:.3f}",
             f"{seconds / ref_seconds:.2f}",
         ]
         if baseline is not None:
             base = by_key.get((r["method"], baseline))
-            row.append(f"{seconds / median(base['run_seconds']):.2f}" if base else "-")
+            row.append(f"{seconds / min(base['run_seconds']):.2f}" if base else "-")
             row.append("-" if r["max_diff"] is None else f"{r['max_diff']:.1e}")
         same_meter = r["device"] == reference["device"]
         row += [
@@ -411,7 +483,10 @@ def print_table(results: list[dict], baseline: str | None) -> None:
         ]
         rows.append(row)
     print(format_table(headers, rows))
-    print("time ratio / peak ratio: to base under the same revision")
+    print(
+        "RTF and ratios from the best run (the least disturbed by other load); time ratio / "
+        "peak ratio: to base under the same revision"
+    )
 
 
 if __name__ == "__main__":

@@ -872,7 +872,7 @@ class FeedforwardModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.hidden_balancer(self.in_proj(x))
-        return self.out_whiten(self.out_proj(x))
+        return self.out_whiten(self.out_proj(x, consume_input=True))
 
 
 class NonlinAttention(nn.Module):
@@ -974,4 +974,4 @@ class ConvolutionModule(nn.Module):
             x = x.masked_fill(src_key_padding_mask.unsqueeze(1), 0.0)
         x = self.balancer2(self.depthwise_conv(x))
         x = x.permute(2, 0, 1)  # (T, B, C)
-        return self.out_proj(self.whiten(x))
+        return self.out_proj(self.whiten(x), consume_input=True)
