@@ -17,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -290,3 +291,83 @@ def max_abs_difference(a_path: Path, b_path: Path) -> float:
     if a.shape != b.shape:
         return float("inf")
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+
+
+READY_MARK = "BENCHMARK_READY"
+
+
+def lockstep_wait(enabled: bool) -> None:
+    """In a worker run with --lockstep: say it is ready for its next timed unit and wait for
+    the parent's go (one line on stdin), so that two revisions' units alternate one by one."""
+    if enabled:
+        print(READY_MARK, flush=True)
+        sys.stdin.readline()
+
+
+def run_lockstep(
+    script: Path,
+    argv: Sequence[str],
+    roots: dict[str, Path],
+    turns: int,
+    label: str,
+    per_tree_argv: dict[str, Sequence[str]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """One worker per tree, all set up at once, then their timed units strictly alternating
+    (A B, B A, ...): a change in the machine's load falls on every revision alike, which
+    separate processes one after the other cannot promise on a shared machine. Each worker
+    waits in lockstep_wait() before each of its ``turns`` units; only the one given the go
+    runs, so they never compete for the cores."""
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Any] = {}
+    for name, root in roots.items():
+        logs[name] = tempfile.TemporaryFile(mode="w+")
+        procs[name] = subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                *argv,
+                *(per_tree_argv or {}).get(name, ()),
+                f"--code-root={root}",
+                "--lockstep",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=logs[name],
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(root)),
+        )
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for name in procs:  # the set-ups may overlap: nothing is timed yet
+            _read_until_ready(procs[name], logs[name], f"{label} ({name})")
+        for name in interleaved(turns, list(procs)):
+            procs[name].stdin.write("\n")
+            procs[name].stdin.flush()
+            answer = _read_until_ready(procs[name], logs[name], f"{label} ({name})")
+            if answer:  # after its last unit a worker answers with its result
+                results[name] = answer
+        for name, proc in procs.items():
+            proc.stdin.close()
+            if name not in results:
+                results[name] = _read_until_ready(proc, logs[name], f"{label} ({name})", True)
+            proc.wait()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+def _read_until_ready(
+    proc: subprocess.Popen, log: Any, label: str, final: bool = False
+) -> dict[str, Any]:
+    """Consume the worker's stdout up to its next READY mark or, at the end, its result."""
+    for line in proc.stdout:
+        if line.startswith(READY_MARK) and not final:
+            return {}
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    proc.wait()
+    log.seek(0)
+    tail = "\n".join(log.read().strip().splitlines()[-15:])
+    raise RuntimeError(f"{label}: worker exited with {proc.returncode} before its result:\n{tail}")

@@ -47,12 +47,13 @@ from _common import (  # noqa: E402
     export_revision,
     format_table,
     import_first,
-    interleaved,
+    lockstep_wait,
     max_abs_difference,
     median,
     release_freed_memory,
     released_model_config,
     resolve_device,
+    run_lockstep,
     run_worker,
     synchronize,
 )
@@ -192,6 +193,7 @@ def worker(cli: argparse.Namespace) -> None:
     run_seconds: list[float] = []
     audio_seconds = 0.0
     for _ in range(cli.repeats):
+        lockstep_wait(cli.lockstep)
         torch.manual_seed(1234)  # the same initial noise in every run and every revision
         synchronize(torch_device)
         start = time.perf_counter()
@@ -328,6 +330,7 @@ def main() -> None:
     )
     parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--save-output", type=Path, default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args()
     num_step, prompt_s, output_s, repeats = PRESETS[cli.preset]
@@ -421,23 +424,49 @@ def run_all(
     results = []
     for method in methods:
         pooled: dict[str, dict] = {}
-        for label in interleaved(cli.rounds if len(revisions) > 1 else 1, list(revisions)):
-            print(f"running {method} ({label}) ...", file=sys.stderr, flush=True)
-            output = tmp / f"{method}-{list(revisions).index(label)}.npy"
-            argv = [
-                *forwarded,
-                f"--worker={method}",
-                f"--onnx-dir={onnx_dirs[label]}",
-                f"--save-output={output}",
-            ]
-            result = run_worker(Path(__file__), argv, f"{method} ({label})", revisions[label])
-            if "profile" in result:
-                pooled[label] = dict(result, revision=label, output=None)
-            elif label in pooled:
-                pooled[label]["run_seconds"] += result["run_seconds"]
-                pooled[label]["peak_bytes"] = max(pooled[label]["peak_bytes"], result["peak_bytes"])
+        lockstep = len(revisions) > 1 and not cli.profile
+        for round_index in range(cli.rounds if len(revisions) > 1 else 1):
+            outputs = {
+                label: tmp / f"{method}-{i}-{round_index}.npy" for i, label in enumerate(revisions)
+            }
+            if lockstep:  # both revisions loaded at once, their runs taken in turn
+                print(f"running {method} ...", file=sys.stderr, flush=True)
+                round_results = run_lockstep(
+                    Path(__file__),
+                    [*forwarded, f"--worker={method}"],
+                    revisions,
+                    cli.repeats,
+                    method,
+                    per_tree_argv={
+                        label: [f"--onnx-dir={onnx_dirs[label]}", f"--save-output={outputs[label]}"]
+                        for label in revisions
+                    },
+                )
             else:
-                pooled[label] = dict(result, revision=label, output=output)
+                round_results = {}
+                for label in revisions:
+                    print(f"running {method} ({label}) ...", file=sys.stderr, flush=True)
+                    argv = [
+                        *forwarded,
+                        f"--worker={method}",
+                        f"--onnx-dir={onnx_dirs[label]}",
+                        f"--save-output={outputs[label]}",
+                    ]
+                    round_results[label] = run_worker(
+                        Path(__file__), argv, f"{method} ({label})", revisions[label]
+                    )
+            for label, result in round_results.items():
+                output = outputs[label]
+                if "profile" in result:
+                    pooled[label] = dict(result, revision=label, output=None)
+                elif label in pooled:
+                    pooled[label]["run_seconds"] += result["run_seconds"]
+                    pooled[label]["peak_bytes"] = max(
+                        pooled[label]["peak_bytes"], result["peak_bytes"]
+                    )
+                else:
+                    pooled[label] = dict(result, revision=label, output=output)
+        pooled = {label: pooled[label] for label in revisions if label in pooled}
         for result in pooled.values():
             base = pooled.get(cli.baseline) if cli.baseline is not None else None
             has_outputs = base is not None and base["output"] is not None

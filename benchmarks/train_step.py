@@ -46,11 +46,12 @@ from _common import (  # noqa: E402
     export_revision,
     format_table,
     import_first,
-    interleaved,
+    lockstep_wait,
     median,
     release_freed_memory,
     released_model_config,
     resolve_device,
+    run_lockstep,
     run_worker,
     synchronize,
 )
@@ -166,6 +167,8 @@ def worker(cli: argparse.Namespace) -> None:
     step_seconds: list[float] = []
     losses: list[float] = []
     for step in range(cli.warmup + cli.steps):
+        if step >= cli.warmup:
+            lockstep_wait(cli.lockstep)
         synchronize(device)
         start = time.perf_counter()
         count = adjusted_batch_count(step, args.max_duration, 1, args.ref_duration)
@@ -256,6 +259,7 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     for name in ("batch_size", "frames", "tokens", "steps", "rank", "rounds"):
         if getattr(cli, name) < 1:
@@ -317,23 +321,31 @@ def main() -> None:
 def run_all(
     cli: argparse.Namespace, methods: list[str], argv: list[str], revisions: dict[str, Path]
 ) -> list[dict]:
-    """Every method under every revision, revisions interleaved (ABBA over --rounds); the
-    steps of one (method, revision) are pooled, the peak is the largest."""
+    """Every method under every revision. With a baseline the two revisions' workers run at
+    once and take their timed steps in turn (run_lockstep), over --rounds pairs of
+    processes; the steps of one (method, revision) are pooled, the peak is the largest."""
     results = []
     for method in methods:
         pooled: dict[str, dict] = {}
-        for label in interleaved(cli.rounds if len(revisions) > 1 else 1, list(revisions)):
-            print(f"running {method} ({label}) ...", file=sys.stderr, flush=True)
+        for _ in range(cli.rounds if len(revisions) > 1 else 1):
+            print(f"running {method} ...", file=sys.stderr, flush=True)
             worker_argv = [*argv, f"--worker={method}"]
-            result = run_worker(
-                Path(__file__), worker_argv, f"{method} ({label})", revisions[label]
-            )
-            if label in pooled:
-                pooled[label]["step_seconds"] += result["step_seconds"]
-                pooled[label]["peak_bytes"] = max(pooled[label]["peak_bytes"], result["peak_bytes"])
+            if len(revisions) > 1:
+                round_results = run_lockstep(
+                    Path(__file__), worker_argv, revisions, cli.steps, method
+                )
             else:
-                pooled[label] = dict(result, revision=label)
-        results.extend(pooled.values())
+                (label,) = revisions
+                round_results = {label: run_worker(Path(__file__), worker_argv, method)}
+            for label, result in round_results.items():
+                if label in pooled:
+                    pooled[label]["step_seconds"] += result["step_seconds"]
+                    pooled[label]["peak_bytes"] = max(
+                        pooled[label]["peak_bytes"], result["peak_bytes"]
+                    )
+                else:
+                    pooled[label] = dict(result, revision=label)
+        results.extend(pooled[label] for label in revisions if label in pooled)
     return results
 
 
