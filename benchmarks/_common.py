@@ -259,20 +259,6 @@ def check_code_root(code_root: Path | None) -> None:
         raise SystemExit(f"worker imported zipvoice from {where}, expected under {code_root}")
 
 
-def import_first(attribute: str, *modules: str) -> Any:
-    """``attribute`` from the first of ``modules`` that imports: the library's modules move
-    between revisions, and a baseline run imports an older layout."""
-    import importlib
-
-    errors = []
-    for name in modules:
-        try:
-            return getattr(importlib.import_module(name), attribute)
-        except (ImportError, AttributeError) as err:
-            errors.append(f"{name}: {err}")
-    raise ImportError(f"{attribute} not found in any of: " + "; ".join(errors))
-
-
 def interleaved(rounds: int, labels: Sequence[str]) -> list[str]:
     """ABBA order over ``rounds`` (A B, B A, A B, ...) so that a drift in the machine's load
     falls on both revisions alike."""

@@ -47,7 +47,6 @@ from _common import (  # noqa: E402
     emit_result,
     export_revision,
     format_table,
-    import_first,
     lockstep_wait,
     max_abs_difference,
     median,
@@ -58,9 +57,9 @@ from _common import (  # noqa: E402
     run_worker,
     synchronize,
 )
+from _layout import describe_layouts, layout, library  # noqa: E402
 
 METHODS = ("base", "distill", "merged", "lora", "dora", "onnx-fp32", "onnx-int8")
-INFER_MODULES = ("zipvoice.utils.infer", "zipvoice.inference.infer", "zipvoice.inference")
 PRESETS = {
     # name: (num_step, prompt seconds, output seconds, repeats)
     "quick": (2, 1.0, 2.0, 3),
@@ -128,28 +127,12 @@ def released_vocoder(device: torch.device) -> torch.nn.Module:
     return Vocos(VocosBackbone(), head).eval().to(device)
 
 
-def worker(cli: argparse.Namespace) -> None:
-    check_code_root(cli.code_root)
-    torch_sampler = import_first("torch_sampler", *INFER_MODULES)
-    torch_vocoder = import_first("torch_vocoder", *INFER_MODULES)
-
-    method = cli.worker
-    if method == "export":
-        emit_result({"method": method, "export_seconds": export_onnx(cli, cli.onnx_dir)})
-        return
-    torch_device = resolve_device(cli.device)
-    is_onnx = method.startswith("onnx")
-    run_device = torch.device("cpu") if is_onnx else torch_device
-    threads = cli.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-
-    if is_onnx:
-        OnnxZipVoice = import_first(  # noqa: N806
-            "OnnxZipVoice", "zipvoice.utils.infer_onnx", "zipvoice.onnx.infer", "zipvoice.onnx"
-        )
-
+def make_sampler(method: str, cli: argparse.Namespace, device: torch.device, threads: int):
+    """(sample(batch, prompt ids, prompt features, num_step) -> features, feat_dim) for a
+    method, with this revision's torch sampler or ONNX Runtime model."""
+    if method.startswith("onnx"):
+        OnnxZipVoice = library("OnnxZipVoice")  # noqa: N806
         onnx_model = OnnxZipVoice(cli.onnx_dir, int8=method == "onnx-int8", num_thread=threads)
-        feat_dim = onnx_model.feat_dim
 
         def sample(batch, prompt_ids, prompt_features, num_step):
             return onnx_model.sample(
@@ -161,18 +144,36 @@ def worker(cli: argparse.Namespace) -> None:
                 t_shift=T_SHIFT,
                 rng=np.random.default_rng(0),
             )
-    else:
-        model = build_variant(method, cli).to(torch_device)
-        feat_dim = int(model.feat_dim)
-        samplers = {
-            n: torch_sampler(model, n, cli.guidance_scale, T_SHIFT, device=torch_device)
-            for n in {1, cli.num_step}
-        }
 
-        def sample(batch, prompt_ids, prompt_features, num_step):
-            return samplers[num_step](batch, prompt_ids, prompt_features)
+        return sample, onnx_model.feat_dim
+    torch_sampler = library("torch_sampler")
+    model = build_variant(method, cli).to(device)
+    samplers = {
+        n: torch_sampler(model, n, cli.guidance_scale, T_SHIFT, device=device)
+        for n in {1, cli.num_step}
+    }
 
-    vocode = torch_vocoder(released_vocoder(torch_device), torch_device) if cli.vocoder else None
+    def sample(batch, prompt_ids, prompt_features, num_step):
+        return samplers[num_step](batch, prompt_ids, prompt_features)
+
+    return sample, int(model.feat_dim)
+
+
+def worker(cli: argparse.Namespace) -> None:
+    check_code_root(cli.code_root)
+    method = cli.worker
+    if method == "export":
+        emit_result({"method": method, "export_seconds": export_onnx(cli, cli.onnx_dir)})
+        return
+    torch_device = resolve_device(cli.device)
+    is_onnx = method.startswith("onnx")
+    run_device = torch.device("cpu") if is_onnx else torch_device
+    threads = cli.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sample, feat_dim = make_sampler(method, cli, torch_device, threads)
+    vocode = None
+    if cli.vocoder:
+        vocode = library("torch_vocoder")(released_vocoder(torch_device), torch_device)
     text_ids, prompt_ids, prompt_features = synthetic_inputs(cli, feat_dim)
 
     if cli.profile:
@@ -209,6 +210,7 @@ def worker(cli: argparse.Namespace) -> None:
     emit_result(
         {
             "method": method,
+            "layout": layout(),
             "device": run_device.type,
             "run_seconds": run_seconds,
             "audio_seconds": audio_seconds,
@@ -269,9 +271,7 @@ def print_profiles(results: list[dict], top: int = 15) -> None:
 
 def export_onnx(cli: argparse.Namespace, out_dir: Path) -> float:
     """Export the base model (text encoder, decoder, their int8 versions); returns seconds."""
-    export_model = import_first(
-        "export_model", "zipvoice.utils.onnx_export", "zipvoice.onnx.export", "zipvoice.onnx"
-    )
+    export_model = library("export_model")
     model = build_base(cli)
     token_file = out_dir / "tokens_in.txt"
     token_file.write_text(
@@ -289,7 +289,7 @@ def export_onnx(cli: argparse.Namespace, out_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -333,7 +333,11 @@ def main() -> None:
     parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--save-output", type=Path, default=None, help=argparse.SUPPRESS)
-    cli = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    cli = build_parser().parse_args()
     num_step, prompt_s, output_s, repeats = PRESETS[cli.preset]
     cli.num_step = cli.num_step if cli.num_step is not None else num_step
     cli.prompt_seconds = cli.prompt_seconds if cli.prompt_seconds is not None else prompt_s
@@ -394,7 +398,8 @@ def main() -> None:
     print(
         f"{results[0]['machine']}; adapters rank {cli.rank} alpha {2 * cli.rank} on "
         f"{cli.lora_preset}; memory: {results[0]['memory_label']} while generating "
-        f"(ONNX rows: peak RSS); load average at the start {os.getloadavg()[0]:.2f}"
+        f"(ONNX rows: peak RSS); load average at the start {os.getloadavg()[0]:.2f}; "
+        + describe_layouts(results)
     )
     for revision, seconds in results[0]["export_seconds"].items():
         print(f"ONNX export (fp32 + int8, {revision}) took {seconds:.1f} s, not in the table")

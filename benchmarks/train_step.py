@@ -30,13 +30,11 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from zipvoice.training.config import TrainingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -50,7 +48,6 @@ from _common import (  # noqa: E402
     emit_result,
     export_revision,
     format_table,
-    import_first,
     lockstep_wait,
     median,
     release_freed_memory,
@@ -60,13 +57,13 @@ from _common import (  # noqa: E402
     run_worker,
     synchronize,
 )
+from _layout import describe_layouts, layout, library, setting, training_config  # noqa: E402
 
 PRESET_NAMES = ("attention", "attention_ff_conv", "all_linear")
 DEFAULT_METHODS = ("full",) + tuple(
     f"{kind}:{preset}" for preset in PRESET_NAMES for kind in ("lora", "dora")
 )
 PAD_ID = 0
-TRAINER_MODULES = ("zipvoice.utils.trainer", "zipvoice.training.trainer", "zipvoice.training")
 
 
 def parse_method(method: str) -> tuple[bool, bool, str]:
@@ -79,27 +76,29 @@ def parse_method(method: str) -> tuple[bool, bool, str]:
     return True, kind == "dora", preset
 
 
-def trainer_args(method: str, checkpoint: Path, cli: argparse.Namespace) -> argparse.Namespace:
-    """The training command's own parsed flags for this method (its defaults elsewhere)."""
-    get_parser = import_first("get_parser", "zipvoice.bin.train_zipvoice")
+def trainer_config(method: str, checkpoint: Path, cli: argparse.Namespace) -> Any:
+    """The training command's configuration for this method (its defaults elsewhere), in
+    this revision's form (see _layout.training_config)."""
     use_lora, use_dora, preset = parse_method(method)
-    return TrainingConfig().replace(
-        checkpoint=str(checkpoint),
-        finetune=True,
-        num_iters=cli.warmup + cli.steps,
-        use_lora=use_lora,
-        use_dora=use_dora,
-        lora_target_modules=preset,
-        lora_rank=cli.rank,
-        lora_alpha=2 * cli.rank,
-        use_fp16=cli.dtype == "fp16",
-        # The documented adapter learning rate; full training keeps ScaledAdam's default.
-        base_lr=0.001 if use_lora else None,
+    return training_config(
+        {
+            "checkpoint": str(checkpoint),
+            "finetune": True,
+            "num_iters": cli.warmup + cli.steps,
+            "use_lora": use_lora,
+            "use_dora": use_dora,
+            "lora_target_modules": preset,
+            "lora_rank": cli.rank,
+            "lora_alpha": 2 * cli.rank,
+            "use_fp16": cli.dtype == "fp16",
+            # The documented adapter learning rate; full training keeps ScaledAdam's default.
+            "base_lr": 0.001 if use_lora else None,
+        }
     )
 
 
 def synthetic_batch(cli: argparse.Namespace, feat_dim: int, device: torch.device):
-    Batch = import_first("Batch", *TRAINER_MODULES)  # noqa: N806
+    Batch = library("Batch")  # noqa: N806
     generator = torch.Generator().manual_seed(1234)
     tokens = torch.randint(1, cli.vocab_size, (cli.batch_size, cli.tokens), generator=generator)
     # Scaled fbank features (the trainer multiplies by --feat-scale 0.1) of equal length.
@@ -108,27 +107,44 @@ def synthetic_batch(cli: argparse.Namespace, feat_dim: int, device: torch.device
     return Batch(tokens.tolist(), features.to(device), lens.to(device), [])
 
 
+def trainer_step(
+    model: torch.nn.Module, training: Any, cli: argparse.Namespace, device: torch.device
+) -> tuple[Callable[[Any, int], torch.Tensor], str]:
+    """(step(batch, index) -> loss, optimizer kind): what the revision's trainer does per
+    batch (schedules, forward under autocast, backward, clipping, optimizer step,
+    zero_grad), with that revision's own functions and settings."""
+    adjusted_batch_count = library("adjusted_batch_count")
+    set_batch_count = library("set_batch_count")
+    flow_matching_loss = library("flow_matching_loss")
+    backward_and_step = library("backward_and_step")
+    optimizer, scheduler, optimizer_kind = library("build_optimizer")(model, training)
+    max_duration, ref_duration = (setting(training, k) for k in ("max_duration", "ref_duration"))
+    drop_ratio, grad_clip = (setting(training, k) for k in ("condition_drop_ratio", "grad_clip"))
+    finetune_offset = 100000 if setting(training, "finetune") else 0
+    autocast_dtype = AUTOCAST_DTYPES[cli.dtype]
+    scaler = torch.amp.GradScaler("cuda", enabled=cli.dtype == "fp16" and device.type == "cuda")
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch: Any, index: int) -> torch.Tensor:
+        count = adjusted_batch_count(index, max_duration, 1, ref_duration)
+        set_batch_count(model, count + finetune_offset)
+        scheduler.step_batch(index)
+        with torch.autocast(
+            device_type=device.type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ):
+            loss = flow_matching_loss(model, batch, condition_drop_ratio=drop_ratio)
+        backward_and_step(loss, scaler, optimizer, optimizer_kind, trainable_params, grad_clip)
+        return loss
+
+    return step, optimizer_kind
+
+
 def worker(cli: argparse.Namespace) -> None:
     """One method in this process: set up as the trainer does, run steps, report."""
     check_code_root(cli.code_root)
-    count_parameters = import_first("count_parameters", "zipvoice.models.modules.lora_utils")
-    names = (
-        "_update_average",
-        "adjusted_batch_count",
-        "backward_and_step",
-        "build_optimizer",
-        "flow_matching_loss",
-        "set_batch_count",
-        "setup_model",
-    )
-    (
-        _update_average,
-        adjusted_batch_count,
-        backward_and_step,
-        flow_matching_loss,
-        set_batch_count,
-        setup_model,
-    ) = (import_first(name, *TRAINER_MODULES) for name in names)
+    from zipvoice.models.modules.lora_utils import count_parameters
 
     device = resolve_device(cli.device)
     if cli.threads:
@@ -137,8 +153,7 @@ def worker(cli: argparse.Namespace) -> None:
     random.seed(0)  # layer skipping and the shapers draw from Python's generator
     config, _ = released_model_config(cli.model_config)
     training = trainer_config(cli.worker, cli.checkpoint, cli)
-    setup = setup_model(training, cli.vocab_size, PAD_ID, config)
-    model = setup.model
+    model = library("setup_model")(training, cli.vocab_size, PAD_ID, config).model
     trainable, total = count_parameters(model)
     # The trainer's running average of the trainable weights: float64, on the CPU.
     model_avg = {
@@ -147,11 +162,7 @@ def worker(cli: argparse.Namespace) -> None:
         if p.requires_grad
     }
     model.to(device).train()
-    optimizer, scheduler, optimizer_kind = build_optimizer(model, training)
-    autocast_dtype = AUTOCAST_DTYPES[cli.dtype]
-    use_scaler = cli.dtype == "fp16" and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    step, optimizer_kind = trainer_step(model, training, cli, device)
     batch = synthetic_batch(cli, int(model.feat_dim), device)
 
     memory = PeakMemory(device)
@@ -160,47 +171,34 @@ def worker(cli: argparse.Namespace) -> None:
     memory.reset()
     step_seconds: list[float] = []
     losses: list[float] = []
-    for step in range(cli.warmup + cli.steps):
-        if step >= cli.warmup:
+    for index in range(cli.warmup + cli.steps):
+        if index >= cli.warmup:
             lockstep_wait(cli.lockstep)
         synchronize(device)
         start = time.perf_counter()
-        count = adjusted_batch_count(
-            step, training.data.max_duration, 1, training.model.ref_duration
-        )
-        set_batch_count(model, count + 100000)  # --finetune 1
-        scheduler.step_batch(step)
-        with torch.autocast(
-            device_type=device.type,
-            dtype=autocast_dtype or torch.float32,
-            enabled=autocast_dtype is not None,
-        ):
-            loss = flow_matching_loss(
-                model, batch, condition_drop_ratio=training.model.condition_drop_ratio
-            )
-        backward_and_step(
-            loss, scaler, optimizer, optimizer_kind, trainable_params, training.optim.grad_clip
-        )
+        loss = step(batch, index)
         synchronize(device)
-        if step >= cli.warmup:
+        if index >= cli.warmup:
             step_seconds.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
     peak_bytes = memory.peak_bytes()
 
+    period = setting(training, "average_period")
     start = time.perf_counter()
-    update_average(model_avg, model, training.optim.average_period, training.optim.average_period)
+    library("update_average")(model_avg, model, period, period)
     synchronize(device)
     average_seconds = time.perf_counter() - start
 
     emit_result(
         {
             "method": cli.worker,
+            "layout": layout(),
             "optimizer": optimizer_kind,
             "trainable": trainable,
             "total": total,
             "step_seconds": step_seconds,
             "average_seconds": average_seconds,
-            "average_period": training.optim.average_period,
+            "average_period": period,
             "before_bytes": before_bytes,
             "peak_bytes": peak_bytes,
             "whole_process_peak": memory.whole_process,
@@ -224,7 +222,7 @@ def ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}" if reference else "-"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -260,7 +258,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
-    cli = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    cli = build_parser().parse_args()
     for name in ("batch_size", "frames", "tokens", "steps", "rank", "rounds"):
         if getattr(cli, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
@@ -310,6 +312,7 @@ def main() -> None:
     print(
         f"memory: {results[0]['memory_label']} during the steps"
         + (" (whole process: reset refused)" if results[0]["whole_process_peak"] else "")
+        + f"; {describe_layouts(results)}"
     )
     print_table(results, cli.baseline)
     print(
