@@ -273,7 +273,8 @@ def export_onnx(cli: argparse.Namespace, out_dir: Path) -> float:
     """Export the base model (text encoder, decoder, their int8 versions); returns seconds."""
     export_model = library("export_model")
     model = build_base(cli)
-    token_file = out_dir / "tokens_in.txt"
+    # Beside the export, not in it: the current runtime refuses files its manifest lacks.
+    token_file = out_dir.with_name(out_dir.name + "-tokens_in.txt")
     token_file.write_text(
         "".join(f"{'_' if i == PAD_ID else f't{i}'}\t{i}\n" for i in range(cli.vocab_size)),
         encoding="utf-8",
