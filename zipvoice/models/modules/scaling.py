@@ -685,10 +685,3 @@ class Dropout2(nn.Module):
         if not self.training or is_exporting():
             return x
         return nn.functional.dropout(x, p=float(self.p), training=True)
-
-
-class Identity(nn.Module):
-    """A no-op kept for diagnostics hooks."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x

@@ -506,8 +506,6 @@ class BypassModule(nn.Module):
         return src_orig + (src - src_orig) * self._get_bypass_scale(src.shape[1])
 
 
-Bypass = BypassModule
-
 
 class DownsampledZipformer2Encoder(nn.Module):
     """Runs an encoder stack at 1/downsample of the frame rate, upsamples by repetition and
