@@ -37,6 +37,7 @@ DEFAULT_MODEL_CONFIG = str(
 DEFAULT_BASE_LR = {"adamw": 1e-3, "scaledadam": 0.02}
 OPTIMIZERS = ("auto", "adamw", "scaledadam")
 LR_SCHEDULES = ("cosine", "constant")
+KD_REGIONS = ("replay", "prompt", "all")
 # Flag destinations of the adapter knobs -> LoraSettings fields.
 LORA_FLAGS = {
     "lora_rank": "rank",
@@ -68,6 +69,11 @@ class ModelConfig:
     feat_scale: float = 0.1
     condition_drop_ratio: float = 0.2
     ref_duration: float = 50.0
+    # Against forgetting (docs/lora.md): distillation from the start weights, partial freezing.
+    kd_weight: float = 0.0
+    kd_on: str = "replay"
+    trainable_modules: str | None = None
+    freeze_modules: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class RunConfig:
     wandb_project: str | None = None
     log_interval: int = 50
     max_bad_batches: int = 10
+    select_metric: str | None = None
 
 
 GROUPS = ("data", "model", "adapter", "optim", "run")
@@ -227,7 +234,35 @@ class TrainingConfig:
         if forgetting and not Path(forgetting).is_file():
             raise FileNotFoundError(f"--forgetting-manifest {forgetting} not found")
         self._validate_files()
+        self._validate_forgetting()
         return self
+
+    def _validate_forgetting(self) -> None:
+        """Replay, distillation, freezing and selection settings (docs/lora.md)."""
+        from zipvoice.training.selection import parse_select_metric
+
+        data, model = self.data, self.model
+        if data.replay_manifest:
+            if not 0.0 < data.replay_ratio < 1.0:
+                raise ValueError(f"--replay-ratio must be in (0, 1), got {data.replay_ratio}")
+            if not Path(data.replay_manifest).is_file():
+                raise FileNotFoundError(f"--replay-manifest {data.replay_manifest} not found")
+        if model.kd_on not in KD_REGIONS:
+            raise ValueError(f"--kd-on must be one of {', '.join(KD_REGIONS)}, got {model.kd_on!r}")
+        if model.kd_weight < 0:
+            raise ValueError(f"--kd-weight must not be negative, got {model.kd_weight}")
+        if model.kd_weight > 0 and model.kd_on == "replay" and not data.replay_manifest:
+            raise TrainingError(
+                "--kd-weight with --kd-on replay distils on replay cuts: pass --replay-manifest, "
+                "or --kd-on prompt/all"
+            )
+        if self.run.select_metric:
+            names = parse_select_metric(self.run.select_metric)
+            if "forgetting_loss" in names and not data.forgetting_manifest:
+                raise TrainingError(
+                    f"--select-metric {self.run.select_metric!r} uses forgetting_loss: pass "
+                    "--forgetting-manifest"
+                )
 
     def _validate_files(self) -> None:
         """The exp-dir is never inside an input folder, and a manifest-carrying checkpoint is
