@@ -307,13 +307,13 @@ class TtsDataModule:
         wanted = args.num_buckets if args.bucketing_sampler else 1
         max_duration = args.max_duration
         if replay_cuts is not None:
-            max_duration = args.max_duration * (1.0 - args.replay_ratio)
+            from zipvoice.dataset.replay import batch_caps, replay_sampler
+
+            max_duration, replay_share = batch_caps(args, cuts_train, replay_cuts)
         buckets, drop_last = self._sampler_plan(cuts_train, wanted, args.drop_last, max_duration)
         sampler = self._sampler(cuts_train, args.shuffle, drop_last, buckets, seed, max_duration)
         if replay_cuts is not None:
-            from zipvoice.dataset.replay import replay_sampler
-
-            sampler = replay_sampler(self, sampler, replay_cuts, wanted)
+            sampler = replay_sampler(self, sampler, replay_cuts, wanted, replay_share)
         if sampler_state_dict is not None:
             logging.info("Restoring the training sampler's state")
             sampler.load_state_dict(sampler_state_dict)

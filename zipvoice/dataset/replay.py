@@ -5,9 +5,9 @@ Chinese speaker; a small share of the original data in every batch holds it ther
 icefall's Zipformer fine-tuning, 5 % original data kept LibriSpeech WER at 2.13/4.72 against
 3.61/7.83 without).
 
-Mixing is lhotse's own `ZipSampler`: one sampler over the fine-tuning cuts with
-`(1 - r) * max_duration` seconds per batch and one over the replay cuts with
-`r * max_duration`, their batches merged. So every batch holds `--replay-ratio` of its
+Mixing is lhotse's own `ZipSampler`: one sampler over the fine-tuning cuts with about
+`(1 - r) * max_duration` seconds per batch and one over the replay cuts with about
+`r * max_duration` (`batch_caps`), their batches merged. So every batch holds `--replay-ratio` of its
 duration as replay (not only on average, as with `CutSet.mux`, whose weights count cuts, not
 seconds); an epoch is one pass over the fine-tuning cuts; the replay cuts repeat endlessly,
 reshuffled each epoch by the sampler's seed + epoch. Replay cuts longer than their share of a
@@ -91,7 +91,8 @@ def load_replay_cuts(args: Any, token2id: Mapping[str, int], check_first_cut) ->
     fit their share of a batch. `check_first_cut` is the data module's manifest check."""
     manifest = str(args.replay_manifest)
     cuts = CutSet.from_file(manifest).to_eager()
-    check_first_cut(cuts, manifest)
+    if not len(cuts):
+        raise CutDataError(f"--replay-manifest {manifest} holds no cuts")
     longest = min(args.max_len, args.max_duration * args.replay_ratio)
     kept = [cut for cut in cuts if args.min_len <= cut.duration <= longest]
     if len(kept) < len(cuts):
@@ -106,6 +107,7 @@ def load_replay_cuts(args: Any, token2id: Mapping[str, int], check_first_cut) ->
             "raise --replay-ratio or --max-duration"
         )
     kept = _with_tokens(kept, args.replay_tokenizer, args.replay_lang)
+    check_first_cut(CutSet.from_cuts(kept), manifest)  # features, and cuts without text
     _check_coverage(kept, token2id, manifest)
     marked = [fastcopy(cut, custom={**(cut.custom or {}), REPLAY_KEY: True}) for cut in kept]
     total = sum(cut.duration for cut in marked)
@@ -116,10 +118,38 @@ def load_replay_cuts(args: Any, token2id: Mapping[str, int], check_first_cut) ->
     return CutSet.from_cuts(marked)
 
 
-def replay_sampler(datamodule: Any, train_sampler: Any, replay_cuts: CutSet, buckets: int):
-    """ZipSampler(fine-tuning batches, replay batches) (module docstring)."""
-    args = datamodule.args
-    share = args.max_duration * args.replay_ratio
+def _mean_duration(cuts: CutSet) -> float | None:
+    try:
+        count = len(cuts)
+    except TypeError:
+        return None  # lazy: counting would read the whole manifest
+    return sum(cut.duration for cut in cuts) / count if count else None
+
+
+def batch_caps(args: Any, train_cuts: CutSet, replay_cuts: CutSet) -> tuple[float, float]:
+    """(fine-tuning, replay) seconds per batch, summing to --max-duration.
+
+    A sampler fills a batch up to its cap less about half a cut on average (the next cut did
+    not fit), which shrinks the smaller (replay) share the most: with 0.5-2.5 s cuts, 20 s
+    batches and caps of 16 + 4 s, replay filled 17 % of the frames. The caps are set so that
+    the expected fills stand at --replay-ratio (plain r * max_duration for a lazy training
+    manifest, whose mean duration is unknown).
+    """
+    total, ratio = args.max_duration, args.replay_ratio
+    mean_train, mean_replay = _mean_duration(train_cuts), _mean_duration(replay_cuts)
+    if mean_train is None or mean_replay is None:
+        replay_cap = ratio * total
+    else:
+        filled = total - (mean_train + mean_replay) / 2
+        replay_cap = ratio * filled + mean_replay / 2
+    replay_cap = min(max(replay_cap, 0.0), total)
+    return total - replay_cap, replay_cap
+
+
+def replay_sampler(
+    datamodule: Any, train_sampler: Any, replay_cuts: CutSet, buckets: int, share: float
+):
+    """ZipSampler(fine-tuning batches, replay batches of `share` seconds) (module docstring)."""
     replay_buckets, _ = datamodule._sampler_plan(replay_cuts, buckets, False, share)
     # The whole replay set sits in the sampler's buffer, so each epoch draws from all of it.
     buffer_size = max(replay_buckets * 7000, 2 * len(replay_cuts))

@@ -97,6 +97,15 @@ class ForgettingObjective:
         self, model: nn.Module, batch: Any, condition_drop_ratio: float
     ) -> tuple[Tensor, dict[str, float]]:
         """(loss to minimise, scalars to log)."""
+        fm_loss, kd, scalars = self.terms(model, batch, condition_drop_ratio)
+        if kd is None:
+            return fm_loss, scalars
+        return fm_loss + self.kd_weight * kd, scalars
+
+    def terms(
+        self, model: nn.Module, batch: Any, condition_drop_ratio: float
+    ) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+        """(flow-matching loss, distillation term or None, scalars to log)."""
         features = batch.features
         # Drawn in flow_matching_loss's order: without distillation the run is the plain one.
         noise = torch.randn_like(features)
@@ -112,14 +121,12 @@ class ForgettingObjective:
         outputs = self._forward(model, batch, noise, t, condition_drop_ratio)
         replay = _replay_flags(batch, features)
         scalars = _per_domain_losses(outputs, replay)
-        loss = outputs.loss
-        if teacher_velocity is not None:
-            region = kd_region(outputs, replay, self.kd_on)
-            kd = masked_mse(outputs.velocity, teacher_velocity, region)
-            scalars["train/kd_loss"] = float(kd.detach())
-            scalars["train/fm_loss"] = float(outputs.loss.detach())
-            loss = loss + self.kd_weight * kd
-        return loss, scalars
+        if teacher_velocity is None:
+            return outputs.loss, None, scalars
+        kd = masked_mse(outputs.velocity, teacher_velocity, kd_region(outputs, replay, self.kd_on))
+        scalars["train/kd_loss"] = float(kd.detach())
+        scalars["train/fm_loss"] = float(outputs.loss.detach())
+        return outputs.loss, kd, scalars
 
 
 def _replay_flags(batch: Any, features: Tensor) -> Tensor:
