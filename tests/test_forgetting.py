@@ -136,7 +136,7 @@ def test_distillation_is_zero_at_the_start_and_trains_only_trainables(
         objective.kd_on = kd_on
         _, kd, scalars = objective.terms(model, batch, condition_drop_ratio=0.2)
         # Same weights, noise, masks, dropout and skip draws: exactly zero, not merely small.
-        assert kd is not None and float(kd) == 0.0, kd_on
+        assert kd is not None and float(kd.detach()) == 0.0, kd_on
     with torch.no_grad():
         if use_lora:
             perturb_adapters(model, seed=1)
