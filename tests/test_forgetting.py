@@ -93,7 +93,8 @@ def test_replay_takes_the_asked_share_of_every_epochs_duration(tmp_path, ratio):
         share = frames[True] / (frames[True] + frames[False])
         print(f"\nratio {ratio}, epoch {epoch}: replay share of frames {share:.3f}")
         assert share == pytest.approx(ratio, abs=0.02)
-        # An epoch is one pass over the fine-tuning cuts (each bucket drops its incomplete last batch).
+        # An epoch is one pass over the fine-tuning cuts (each bucket drops its last,
+        # incomplete batch).
         assert len(seen) == len(set(seen)) and len(seen) >= 240
         assert len(replay_seen) > 30
 

@@ -7,10 +7,12 @@ icefall's Zipformer fine-tuning, 5 % original data kept LibriSpeech WER at 2.13/
 
 Mixing is lhotse's own `ZipSampler`: one sampler over the fine-tuning cuts with about
 `(1 - r) * max_duration` seconds per batch and one over the replay cuts with about
-`r * max_duration` (`batch_caps`), their batches merged. So every batch holds `--replay-ratio` of its
-duration as replay (not only on average, as with `CutSet.mux`, whose weights count cuts, not
-seconds); an epoch is one pass over the fine-tuning cuts; the replay cuts repeat endlessly,
-reshuffled each epoch by the sampler's seed + epoch. Replay cuts longer than their share of a
+`r * max_duration` (`batch_caps`), their batches merged. So every batch holds about
+`--replay-ratio` of its duration as replay (not only on average over an epoch, as with
+`CutSet.mux`, whose weights count cuts, not seconds, and which would replay the same first
+cuts of a large manifest every epoch); an epoch is one pass over the fine-tuning cuts; the
+replay cuts repeat endlessly, reshuffled each epoch by the sampler's seed + epoch (the whole
+replay set sits in the sampler's buffer). Replay cuts longer than their share of a
 batch cannot fit one and are left out (logged).
 
 Tokens: the replay text is English/Chinese, so the run's tokenizer (often Japanese) must not

@@ -20,6 +20,7 @@ properties, and `replace(**flags)` returns a modified copy.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ DEFAULT_BASE_LR = {"adamw": 1e-3, "scaledadam": 0.02}
 OPTIMIZERS = ("auto", "adamw", "scaledadam")
 LR_SCHEDULES = ("cosine", "constant")
 KD_REGIONS = ("replay", "prompt", "all")
+# One term of --select-metric: [weight*]name (zipvoice.training.selection).
+_TERM = re.compile(
+    r"^(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\*)?(?P<name>[a-z_][a-z0-9_]*)$"
+)
 # Flag destinations of the adapter knobs -> LoraSettings fields.
 LORA_FLAGS = {
     "lora_rank": "rank",
@@ -239,8 +244,6 @@ class TrainingConfig:
 
     def _validate_forgetting(self) -> None:
         """Replay, distillation, freezing and selection settings (docs/lora.md)."""
-        from zipvoice.training.selection import parse_select_metric
-
         data, model = self.data, self.model
         if data.replay_manifest:
             if not 0.0 < data.replay_ratio < 1.0:
@@ -283,3 +286,18 @@ def _group_of(key: str) -> str | None:
         if key in {f.name for f in dataclasses.fields(group_cls)} and key != "lora":
             return name
     return None
+
+
+def parse_select_metric(metric: str) -> dict[str, float]:
+    """`"valid_loss+0.5*forgetting_loss"` -> {"valid_loss": 1.0, "forgetting_loss": 0.5}."""
+    weights: dict[str, float] = {}
+    for raw in metric.replace(" ", "").split("+"):
+        match = _TERM.match(raw)
+        if match is None:
+            raise ValueError(
+                f"--select-metric {metric!r}: cannot read the term {raw!r}; write a sum of "
+                "[weight*]name terms, e.g. valid_loss+0.5*forgetting_loss"
+            )
+        name = match["name"]
+        weights[name] = weights.get(name, 0.0) + float(match["weight"] or 1.0)
+    return weights

@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zipvoice.training.callbacks import Callback
+from zipvoice.training.config import parse_select_metric
 
 if TYPE_CHECKING:
     from zipvoice.training.trainer import Trainer
@@ -35,25 +35,7 @@ logger = logging.getLogger("zipvoice.train")
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
-_TERM = re.compile(
-    r"^(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\*)?(?P<name>[a-z_][a-z0-9_]*)$"
-)
 SCORE_PREFIXES = ("valid/", "eval/")
-
-
-def parse_select_metric(metric: str) -> dict[str, float]:
-    """`"valid_loss+0.5*forgetting_loss"` -> {"valid_loss": 1.0, "forgetting_loss": 0.5}."""
-    weights: dict[str, float] = {}
-    for raw in metric.replace(" ", "").split("+"):
-        match = _TERM.match(raw)
-        if match is None:
-            raise ValueError(
-                f"--select-metric {metric!r}: cannot read the term {raw!r}; write a sum of "
-                "[weight*]name terms, e.g. valid_loss+0.5*forgetting_loss"
-            )
-        name = match["name"]
-        weights[name] = weights.get(name, 0.0) + float(match["weight"] or 1.0)
-    return weights
 
 
 def selection_scores(values: Mapping[str, float]) -> dict[str, float]:
