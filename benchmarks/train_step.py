@@ -13,7 +13,15 @@ one fixed synthetic batch. Each method runs in a fresh process:
   keeps its float64 averaged copy of the trainable weights (`model_avg`) on the CPU;
 - lora:<preset> / dora:<preset>: rank 32, alpha 64 adapters on the decoder's <preset> targets,
   with the embedding and text encoder training too (the trainer's defaults), AdamW + gradient
-  clipping; the averaged copy then holds only those trainable weights.
+  clipping; the averaged copy then holds only those trainable weights;
+- <method>+replay: the trainer's objective for batches with replay cuts
+  (`zipvoice.training.distillation.ForgettingObjective`, every other cut marked replay): the
+  same forward plus per-domain loss bookkeeping;
+- <method>+kd: that objective with distillation (`--kd-weight 1`): a teacher forward with the
+  start weights before the student's (for full fine-tuning the teacher is a copy of every
+  trainable weight).
+
+`vs plain` compares a +replay/+kd row with the same method without it, in the same run.
 
 A step is what the trainer does per batch: schedules, forward, backward, (clipping), optimizer
 step, zero_grad. The averaged-model update runs once every --average-period steps (200), so it
@@ -54,14 +62,27 @@ from _common import (  # noqa: E402
 )
 
 PRESET_NAMES = ("attention", "attention_ff_conv", "all_linear")
-DEFAULT_METHODS = ("full",) + tuple(
-    f"{kind}:{preset}" for preset in PRESET_NAMES for kind in ("lora", "dora")
+DEFAULT_METHODS = (
+    ("full",)
+    + tuple(f"{kind}:{preset}" for preset in PRESET_NAMES for kind in ("lora", "dora"))
+    + ("lora:attention+replay", "lora:attention+kd", "full+kd")
 )
+OBJECTIVES = ("replay", "kd")
 PAD_ID = 0
 
 
+def split_objective(method: str) -> tuple[str, str | None]:
+    """ "lora:attention+kd" -> ("lora:attention", "kd")."""
+    base, _, objective = method.partition("+")
+    if objective and objective not in OBJECTIVES:
+        raise SystemExit(f"--methods: {method!r}: +{objective} is not +replay or +kd")
+    return base, objective or None
+
+
 def parse_method(method: str) -> tuple[bool, bool, str]:
-    """ "full" | "lora:<preset>" | "dora:<preset>" -> (use_lora, use_dora, preset)."""
+    """ "full" | "lora:<preset>" | "dora:<preset>" (+replay|+kd) -> (use_lora, use_dora,
+    preset)."""
+    method, _ = split_objective(method)
     if method == "full":
         return False, False, "attention"
     kind, _, preset = method.partition(":")
@@ -98,7 +119,20 @@ def synthetic_batch(cli: argparse.Namespace, feat_dim: int, device: torch.device
     # Scaled fbank features (the trainer multiplies by --feat-scale 0.1) of equal length.
     features = torch.randn(cli.batch_size, cli.frames, feat_dim, generator=generator)
     lens = torch.full((cli.batch_size,), cli.frames, dtype=torch.int64)
-    return Batch(tokens.tolist(), features.to(device), lens.to(device), [])
+    replay = (torch.arange(cli.batch_size) % 2 == 0).to(device)
+    return Batch(tokens.tolist(), features.to(device), lens.to(device), [], replay)
+
+
+def objective_for(method: str, model: torch.nn.Module):
+    """None (the trainer's plain flow_matching_loss), or its replay/distillation objective."""
+    from zipvoice.training.distillation import ForgettingObjective, start_weights
+
+    _, objective = split_objective(method)
+    if objective is None:
+        return None
+    if objective == "replay":
+        return ForgettingObjective(0.0, "replay", None)
+    return ForgettingObjective(1.0, "replay", start_weights(model))
 
 
 def worker(cli: argparse.Namespace) -> None:
@@ -136,6 +170,7 @@ def worker(cli: argparse.Namespace) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     batch = synthetic_batch(cli, int(model.feat_dim), device)
+    objective = objective_for(cli.worker, model)
 
     memory = PeakMemory(device)
     release_freed_memory()
@@ -156,9 +191,11 @@ def worker(cli: argparse.Namespace) -> None:
             dtype=autocast_dtype or torch.float32,
             enabled=autocast_dtype is not None,
         ):
-            loss = flow_matching_loss(
-                model, batch, condition_drop_ratio=training.model.condition_drop_ratio
-            )
+            drop = training.model.condition_drop_ratio
+            if objective is None:
+                loss = flow_matching_loss(model, batch, condition_drop_ratio=drop)
+            else:
+                loss, _ = objective(model, batch, drop)
         backward_and_step(
             loss, scaler, optimizer, optimizer_kind, trainable_params, training.optim.grad_clip
         )
@@ -220,9 +257,8 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated: full, lora:<preset>, dora:<preset> (presets: "
-        + ", ".join(PRESET_NAMES)
-        + ")",
+        help="comma-separated: full, lora:<preset>, dora:<preset>, each optionally +replay or "
+        "+kd (presets: " + ", ".join(PRESET_NAMES) + ")",
     )
     parser.add_argument("--rank", type=int, default=32, help="adapter rank (alpha = 2 * rank)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
@@ -292,10 +328,15 @@ def main() -> None:
         "before MiB",
         "peak MiB",
         "peak ratio",
+        "vs plain: step",
+        "vs plain: peak",
     ]
     rows = []
+    by_method = {r["method"]: r for r in results}
     for r in results:
         step = median(r["step_seconds"])
+        plain = by_method.get(split_objective(r["method"])[0])
+        plain = None if plain is r else plain
         rows.append(
             [
                 r["method"],
@@ -308,6 +349,8 @@ def main() -> None:
                 f"{r['before_bytes'] / MIB:.0f}",
                 f"{r['peak_bytes'] / MIB:.0f}",
                 ratio(r["peak_bytes"], reference["peak_bytes"]),
+                ratio(step, median(plain["step_seconds"])) if plain else "-",
+                ratio(r["peak_bytes"], plain["peak_bytes"]) if plain else "-",
             ]
         )
     print(format_table(headers, rows))
