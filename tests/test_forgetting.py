@@ -13,6 +13,7 @@ import pytest
 import torch
 from lhotse import CutSet, Features, MonoCut, SupervisionSegment
 from lhotse.features.io import NumpyFilesWriter
+from safetensors.torch import load_file
 
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
 from tests.helpers import perturb_adapters
@@ -22,6 +23,7 @@ from zipvoice.dataset.datamodule import TtsDataModule
 from zipvoice.dataset.replay import load_replay_cuts
 from zipvoice.models.loader import load_model_config
 from zipvoice.tokenizer.tokenizer import get_tokenizer
+from zipvoice.training.callbacks import StopAfterSteps
 from zipvoice.training.config import TrainingError
 from zipvoice.training.distillation import ForgettingObjective, start_weights
 from zipvoice.training.model_setup import setup_model
@@ -177,6 +179,25 @@ def test_distillation_and_replay_in_a_training_run(japanese_fbank_manifests, tmp
         assert 0 < terms["train/replay_share"] < 1
     assert seen[0]["train/kd_loss"] == 0.0 and seen[1]["train/kd_loss"] > 0
     assert "distillation: weight 0.5 on the replay region" in caplog.text
+
+
+def test_resume_with_replay_and_distillation_ends_like_an_uninterrupted_run(
+    japanese_fbank_manifests, tmp_path
+):
+    data = japanese_fbank_manifests
+    common = dict(
+        num_iters=6, save_every_n=3, valid_interval=3, kd_weight=1.0, kd_on="prompt",
+        replay_manifest=str(data["dev_cuts"]), replay_ratio=0.4, max_duration=10,
+    )  # fmt: skip
+    run_training(user_config(data, tmp_path / "straight", **common))
+    interrupted = user_config(data, tmp_path / "killed", **common)
+    run_training(interrupted, callbacks=[StopAfterSteps(5)])
+    run_training(interrupted)
+    for name in ("adapter_model.safetensors", "text_side.safetensors"):
+        a = load_file(tmp_path / "straight" / "adapter" / name)
+        b = load_file(tmp_path / "killed" / "adapter" / name)
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
 
 
 def test_frozen_patterns_stay_bit_identical_in_full_fine_tuning(japanese_fbank_manifests, tmp_path):

@@ -84,6 +84,14 @@ class ForgettingObjective:
         self.kd_on = kd_on
         self.teacher = teacher
 
+    def _teacher_to(self, device: torch.device) -> None:
+        """The snapshot is taken before the model moves to its device; follow it once."""
+        if any(t.device != device for t in self.teacher.values()):
+            self.teacher = {
+                name: t.detach().to(device).requires_grad_(True)
+                for name, t in self.teacher.items()
+            }
+
     def _forward(self, model: nn.Module, batch: Any, noise, t, drop: float, params=None):
         kwargs = dict(
             tokens=batch.tokens, features=batch.features, features_lens=batch.features_lens,
@@ -112,6 +120,7 @@ class ForgettingObjective:
         t = torch.rand(features.size(0), 1, 1, device=features.device)
         teacher_velocity = None
         if self.kd_weight > 0 and self.teacher is not None:
+            self._teacher_to(features.device)
             state = _rng_state(features.device)
             with torch.enable_grad():
                 out = self._forward(model, batch, noise, t, condition_drop_ratio, self.teacher)
