@@ -88,8 +88,7 @@ class ForgettingObjective:
         """The snapshot is taken before the model moves to its device; follow it once."""
         if any(t.device != device for t in self.teacher.values()):
             self.teacher = {
-                name: t.detach().to(device).requires_grad_(True)
-                for name, t in self.teacher.items()
+                name: t.detach().to(device).requires_grad_(True) for name, t in self.teacher.items()
             }
 
     def _forward(self, model: nn.Module, batch: Any, noise, t, drop: float, params=None):
