@@ -271,3 +271,19 @@ def test_best_checkpoint_is_the_step_with_the_best_combined_score(
         assert saved["step"] == 2 or saved.get("extra", {}).get("step") == 2
     else:
         assert (best / "model.pt").is_file() and (best / "model.json").is_file()
+
+
+def test_replay_and_distillation_under_two_process_ddp(japanese_fbank_manifests, tmp_path):
+    from tests.test_train import _free_port
+
+    data = japanese_fbank_manifests
+    config = user_config(
+        data, tmp_path, world_size=2, master_port=_free_port(), num_iters=2, save_every_n=0,
+        valid_interval=0, max_duration=8, kd_weight=1.0, replay_ratio=0.4,
+        replay_manifest=str(data["dev_cuts"]),
+    )  # fmt: skip
+    assert run_training(config) is None
+    checkpoint = torch.load(tmp_path / "checkpoint-2.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and len(checkpoint["sampler"]["samplers"]) == 2
+    log_text = "\n".join(p.read_text() for p in (tmp_path / "log").iterdir())
+    assert "distillation: weight 1 on the replay region" in log_text
