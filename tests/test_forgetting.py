@@ -233,8 +233,12 @@ def test_select_metric_parsing():
         "valid_loss": 1.0,
         "forgetting_loss": 0.5,
     }
-    with pytest.raises(ValueError, match="cannot read the term"):
-        parse_select_metric("valid_loss-forgetting_loss")
+    assert parse_select_metric("valid_loss-0.2*sim+forgetting_loss") == {
+        "valid_loss": 1.0, "sim": -0.2, "forgetting_loss": 1.0,
+    }  # fmt: skip
+    for bad in ("valid_loss*2", "2*", "", "valid_loss+"):
+        with pytest.raises(ValueError, match="cannot read it"):
+            parse_select_metric(bad)
     with pytest.raises(ValueError, match="needs speaker_sim"):
         combined_score({"speaker_sim": 1.0}, {"valid_loss": 1.0}, "speaker_sim")
 

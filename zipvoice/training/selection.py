@@ -2,14 +2,15 @@
 
 The Japanese dev loss keeps falling long after the model has started to forget its speakers;
 the step worth keeping is the one that balances both. `--select-metric` is a weighted sum of
-score names, lower is better, e.g. `valid_loss+0.5*forgetting_loss`:
+score names, lower is better (a higher-is-better metric takes a minus sign), e.g.
+`valid_loss+0.5*forgetting_loss-2*sim`:
 
 - `valid_loss`: the dev loss (`valid/loss`);
 - `forgetting_loss`: the loss on `--forgetting-manifest` (`valid/forgetting_loss`);
 - any other scalar that validation reports as `valid/<name>` or `eval/<name>` is `<name>`:
-  this is the hook point for the evaluation metrics (`--eval-list`): a validation that adds,
-  say, `eval/speaker_distance` to its values makes `speaker_distance` selectable here, with
-  no change to this module (see `selection_scores`).
+  this is the hook point for the evaluation metrics. `Trainer.validate` puts the
+  `--eval-list` means there as `eval/<metric>` (`sim`, `dnsmos`, `accent_probe`, ...), so
+  they are selectable with no change to this module (see `selection_scores`).
 
 After each validation `BestCheckpoint` computes the score; a new best is written to
 `exp-dir/best/` (an adapter folder for LoRA runs, a model folder for full fine-tuning) and
