@@ -389,8 +389,6 @@ def save_full_model(
 
 def write_run_manifest(exp_dir: Path, base_fingerprint: str) -> None:
     """The exp-dir's manifest: its checkpoints, model.json and tokens.txt (docs/integrity.md)."""
-    # Names inside exp_dir: write_manifest reads a relative path as relative to the folder, so
-    # `exp_dir / name` would be doubled for a relative --exp-dir.
     run_files = [path.name for _, path in list_checkpoints(exp_dir)]
     run_files += ["model.json", "tokens.txt"]
     write_manifest(exp_dir, "exp-dir", base_fingerprint=base_fingerprint, files=run_files)

@@ -150,10 +150,11 @@ def write_manifest(
 
 
 def _relative(folder: Path, path: Path) -> str:
-    """`path` (absolute, relative to `folder`, or `folder / name` with a relative `folder`) as
-    a POSIX path inside `folder`."""
-    prefixed = folder.parts and path.parts[: len(folder.parts)] == folder.parts
-    full = path if path.is_absolute() or prefixed else folder / path
+    """`path` (absolute, or relative to `folder`) as a POSIX path inside `folder`."""
+    if not path.is_absolute() and path.parts[: len(folder.parts)] == folder.parts:
+        full = path  # given as the folder's own (relative) path plus the name: cwd-relative
+    else:
+        full = path if path.is_absolute() else folder / path
     try:
         return full.resolve().relative_to(folder.resolve()).as_posix()
     except ValueError:
