@@ -13,7 +13,15 @@ one fixed synthetic batch. Each method runs in a fresh process:
   keeps its float64 averaged copy of the trainable weights (`model_avg`) on the CPU;
 - lora:<preset> / dora:<preset>: rank 32, alpha 64 adapters on the decoder's <preset> targets,
   with the embedding and text encoder training too (the trainer's defaults), AdamW + gradient
-  clipping; the averaged copy then holds only those trainable weights.
+  clipping; the averaged copy then holds only those trainable weights;
+- <method>+replay: the trainer's objective for batches with replay cuts
+  (`zipvoice.training.distillation.ForgettingObjective`, every other cut marked replay): the
+  same forward plus per-domain loss bookkeeping;
+- <method>+kd: that objective with distillation (`--kd-weight 1`): a teacher forward with the
+  start weights before the student's (for full fine-tuning the teacher is a copy of every
+  trainable weight). These rows need a revision that has zipvoice.training.distillation.
+
+`vs plain` compares a +replay/+kd row with the same method without it, in the same run.
 
 A step is what the trainer does per batch: schedules, forward, backward, (clipping), optimizer
 step, zero_grad. The averaged-model update runs once every --average-period steps (200), so it
@@ -60,14 +68,27 @@ from _common import (  # noqa: E402
 from _layout import describe_layouts, layout, library, setting, training_config  # noqa: E402
 
 PRESET_NAMES = ("attention", "attention_ff_conv", "all_linear")
-DEFAULT_METHODS = ("full",) + tuple(
-    f"{kind}:{preset}" for preset in PRESET_NAMES for kind in ("lora", "dora")
+DEFAULT_METHODS = (
+    ("full",)
+    + tuple(f"{kind}:{preset}" for preset in PRESET_NAMES for kind in ("lora", "dora"))
+    + ("lora:attention+replay", "lora:attention+kd", "full+kd")
 )
+OBJECTIVES = ("replay", "kd")
 PAD_ID = 0
 
 
+def split_objective(method: str) -> tuple[str, str | None]:
+    """ "lora:attention+kd" -> ("lora:attention", "kd")."""
+    base, _, objective = method.partition("+")
+    if objective and objective not in OBJECTIVES:
+        raise SystemExit(f"--methods: {method!r}: +{objective} is not +replay or +kd")
+    return base, objective or None
+
+
 def parse_method(method: str) -> tuple[bool, bool, str]:
-    """ "full" | "lora:<preset>" | "dora:<preset>" -> (use_lora, use_dora, preset)."""
+    """ "full" | "lora:<preset>" | "dora:<preset>" (+replay|+kd) -> (use_lora, use_dora,
+    preset)."""
+    method, _ = split_objective(method)
     if method == "full":
         return False, False, "attention"
     kind, _, preset = method.partition(":")
@@ -104,7 +125,22 @@ def synthetic_batch(cli: argparse.Namespace, feat_dim: int, device: torch.device
     # Scaled fbank features (the trainer multiplies by --feat-scale 0.1) of equal length.
     features = torch.randn(cli.batch_size, cli.frames, feat_dim, generator=generator)
     lens = torch.full((cli.batch_size,), cli.frames, dtype=torch.int64)
-    return Batch(tokens.tolist(), features.to(device), lens.to(device), [])
+    batch = Batch(tokens.tolist(), features.to(device), lens.to(device), [])
+    if split_objective(cli.worker)[1] is not None:
+        batch.replay = (torch.arange(cli.batch_size) % 2 == 0).to(device)
+    return batch
+
+
+def objective_for(method: str, model: torch.nn.Module):
+    """None (the trainer's plain flow_matching_loss), or its replay/distillation objective."""
+    _, objective = split_objective(method)
+    if objective is None:
+        return None
+    from zipvoice.training.distillation import ForgettingObjective, start_weights
+
+    if objective == "replay":
+        return ForgettingObjective(0.0, "replay", None)
+    return ForgettingObjective(1.0, "replay", start_weights(model))
 
 
 def trainer_step(
@@ -124,6 +160,7 @@ def trainer_step(
     autocast_dtype = AUTOCAST_DTYPES[cli.dtype]
     scaler = torch.amp.GradScaler("cuda", enabled=cli.dtype == "fp16" and device.type == "cuda")
     trainable_params = [p for p in model.parameters() if p.requires_grad]
+    objective = objective_for(cli.worker, model)
 
     def step(batch: Any, index: int) -> torch.Tensor:
         count = adjusted_batch_count(index, max_duration, 1, ref_duration)
@@ -134,7 +171,10 @@ def trainer_step(
             dtype=autocast_dtype or torch.float32,
             enabled=autocast_dtype is not None,
         ):
-            loss = flow_matching_loss(model, batch, condition_drop_ratio=drop_ratio)
+            if objective is None:
+                loss = flow_matching_loss(model, batch, condition_drop_ratio=drop_ratio)
+            else:
+                loss, _ = objective(model, batch, drop_ratio)
         backward_and_step(loss, scaler, optimizer, optimizer_kind, trainable_params, grad_clip)
         return loss
 
@@ -237,9 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated: full, lora:<preset>, dora:<preset> (presets: "
-        + ", ".join(PRESET_NAMES)
-        + ")",
+        help="comma-separated: full, lora:<preset>, dora:<preset>, each optionally +replay or "
+        "+kd (presets: " + ", ".join(PRESET_NAMES) + ")",
     )
     parser.add_argument("--rank", type=int, default=32, help="adapter rank (alpha = 2 * rank)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
@@ -363,6 +402,7 @@ def print_table(results: list[dict], baseline: str | None) -> None:
     if baseline is not None:
         headers += ["vs baseline", "peak vs baseline", "max |loss diff|"]
     headers += ["avg-model update s", "before MiB", "peak MiB", "peak ratio"]
+    headers += ["vs plain: step", "vs plain: peak"]
     rows = []
     for r in results:
         step = min(r["step_seconds"])
@@ -394,6 +434,15 @@ def print_table(results: list[dict], baseline: str | None) -> None:
             f"{r['peak_bytes'] / MIB:.0f}",
             ratio(r["peak_bytes"], reference["peak_bytes"]),
         ]
+        # A +replay/+kd row against the same method without it, same revision.
+        plain = by_key.get((split_objective(r["method"])[0], r["revision"]))
+        if plain is None or plain is r:
+            row += ["-", "-"]
+        else:
+            row += [
+                ratio(step, min(plain["step_seconds"])),
+                ratio(r["peak_bytes"], plain["peak_bytes"]),
+            ]
         rows.append(row)
     print(format_table(headers, rows))
     print(

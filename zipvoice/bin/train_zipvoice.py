@@ -27,6 +27,7 @@ from zipvoice.dataset.config import add_data_arguments
 from zipvoice.models.modules.lora_config import LORA_INITS, PRESETS
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.training.config import (
+    KD_REGIONS,
     LR_SCHEDULES,
     OPTIMIZERS,
     AdapterConfig,
@@ -143,6 +144,33 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     # fmt: on
 
 
+def _add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "against forgetting",
+        "Distillation, partial freezing and best-checkpoint selection (docs/lora.md); replay "
+        "is with the data flags (--replay-manifest).",
+    )
+    add = group.add_argument
+    # fmt: off
+    add("--kd-weight", type=float, default=MODEL.kd_weight,
+        help="weight of the distillation term: mean squared distance between the trained and "
+        "the start model's velocity on the --kd-on region (0: off)")
+    add("--kd-on", type=str, default=MODEL.kd_on, choices=KD_REGIONS,
+        help="distillation region: replay (replay cuts' generated span), prompt (also the "
+        "fine-tuning cuts' prompt frames), all (every frame)")
+    add("--trainable-modules", type=str, default=MODEL.trainable_modules,
+        help="comma-separated fnmatch patterns over parameter/module names: only matching "
+        "parameters train (e.g. 'fm_decoder.encoders.4,embed')")
+    add("--freeze-modules", type=str, default=MODEL.freeze_modules,
+        help="comma-separated fnmatch patterns over parameter/module names that stay frozen "
+        "(e.g. 'fm_decoder')")
+    add("--select-metric", type=str, default=RUN.select_metric,
+        help="keep exp-dir/best/ at the validation with the lowest weighted sum of valid_loss, "
+        "forgetting_loss (needs --forgetting-manifest) and --eval-list metrics, e.g. "
+        "'valid_loss+0.5*forgetting_loss-2*sim'")
+    # fmt: on
+
+
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "evaluation",
@@ -180,6 +208,7 @@ def get_parser() -> argparse.ArgumentParser:
     _add_adapter_arguments(parser)
     _add_optim_arguments(parser)
     _add_run_arguments(parser)
+    _add_forgetting_arguments(parser)
     _add_eval_arguments(parser)
     return parser
 

@@ -21,6 +21,7 @@ properties, and `replace(**flags)` returns a modified copy.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ DEFAULT_MODEL_CONFIG = str(
 DEFAULT_BASE_LR = {"adamw": 1e-3, "scaledadam": 0.02}
 OPTIMIZERS = ("auto", "adamw", "scaledadam")
 LR_SCHEDULES = ("cosine", "constant")
+KD_REGIONS = ("replay", "prompt", "all")
+# One term of --select-metric: [weight*]name (zipvoice.training.selection).
+_TERM = re.compile(
+    r"(?P<sign>[+-])?(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\*)?(?P<name>[a-z_][a-z0-9_]*)"
+)
 # Flag destinations of the adapter knobs -> LoraSettings fields.
 LORA_FLAGS = {
     "lora_rank": "rank",
@@ -69,6 +75,11 @@ class ModelConfig:
     feat_scale: float = 0.1
     condition_drop_ratio: float = 0.2
     ref_duration: float = 50.0
+    # Against forgetting (docs/lora.md): distillation from the start weights, partial freezing.
+    kd_weight: float = 0.0
+    kd_on: str = "replay"
+    trainable_modules: str | None = None
+    freeze_modules: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ class RunConfig:
     wandb_project: str | None = None
     log_interval: int = 50
     max_bad_batches: int = 10
+    select_metric: str | None = None
 
 
 @dataclass(frozen=True)
@@ -272,8 +284,34 @@ class TrainingConfig:
         if forgetting and not Path(forgetting).is_file():
             raise FileNotFoundError(f"--forgetting-manifest {forgetting} not found")
         self._validate_files()
+        self._validate_forgetting()
         self.eval.validate()
         return self
+
+    def _validate_forgetting(self) -> None:
+        """Replay, distillation, freezing and selection settings (docs/lora.md)."""
+        data, model = self.data, self.model
+        if data.replay_manifest:
+            if not 0.0 < data.replay_ratio < 1.0:
+                raise ValueError(f"--replay-ratio must be in (0, 1), got {data.replay_ratio}")
+            if not Path(data.replay_manifest).is_file():
+                raise FileNotFoundError(f"--replay-manifest {data.replay_manifest} not found")
+        if model.kd_on not in KD_REGIONS:
+            raise ValueError(f"--kd-on must be one of {', '.join(KD_REGIONS)}, got {model.kd_on!r}")
+        if model.kd_weight < 0:
+            raise ValueError(f"--kd-weight must not be negative, got {model.kd_weight}")
+        if model.kd_weight > 0 and model.kd_on == "replay" and not data.replay_manifest:
+            raise TrainingError(
+                "--kd-weight with --kd-on replay distils on replay cuts: pass --replay-manifest, "
+                "or --kd-on prompt/all"
+            )
+        if self.run.select_metric:
+            names = parse_select_metric(self.run.select_metric)
+            if "forgetting_loss" in names and not data.forgetting_manifest:
+                raise TrainingError(
+                    f"--select-metric {self.run.select_metric!r} uses forgetting_loss: pass "
+                    "--forgetting-manifest"
+                )
 
     def _validate_files(self) -> None:
         """The exp-dir is never inside an input folder, and a manifest-carrying checkpoint is
@@ -296,3 +334,22 @@ def _group_of(key: str) -> str | None:
         if key in {f.name for f in dataclasses.fields(group_cls)} and key != "lora":
             return name
     return None
+
+
+def parse_select_metric(metric: str) -> dict[str, float]:
+    """`"valid_loss+0.5*forgetting_loss-0.2*sim"` -> {"valid_loss": 1.0, "forgetting_loss":
+    0.5, "sim": -0.2}: lower is better, so a higher-is-better metric takes a minus sign."""
+    weights: dict[str, float] = {}
+    text, position = metric.replace(" ", ""), 0
+    while position < len(text) or not weights:
+        match = _TERM.match(text, position)
+        if match is None or (position > 0 and not match["sign"]):
+            raise ValueError(
+                f"--select-metric {metric!r}: cannot read it from {text[position:]!r}; write a "
+                "sum of [weight*]name terms, e.g. valid_loss+0.5*forgetting_loss"
+            )
+        sign = -1.0 if match["sign"] == "-" else 1.0
+        name = match["name"]
+        weights[name] = weights.get(name, 0.0) + sign * float(match["weight"] or 1.0)
+        position = match.end()
+    return weights

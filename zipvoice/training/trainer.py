@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from zipvoice.training import checkpoints as ckpt
+from zipvoice.training import forgetting
 from zipvoice.training.callbacks import Callback
 from zipvoice.training.config import TrainingConfig, TrainingError
 from zipvoice.training.distributed import (
@@ -104,11 +105,12 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config = config.validate()
-        self.trainable = trainable
-        self.callbacks = list(callbacks)
+        self.trainable = forgetting.trainable_predicate(config, trainable)
+        self.callbacks = list(callbacks) + forgetting.selection_callbacks(config)
         self.exp_dir = Path(config.run.exp_dir)
         self.state = ckpt.TrainState()
         self.last_loss = float("nan")
+        self.last_terms: dict[str, float] = {}  # replay/distillation scalars of the last step
         self.experiment: ExperimentLog | None = None
         self.eval_scores: dict[str, float] = {}  # {metric: mean} of the last --eval-list run
 
@@ -197,6 +199,8 @@ class Trainer:
             trainable=self.trainable,
         )
         self.model: nn.Module = self.setup_result.model
+        # Before the resume checkpoint is loaded: the teacher is the run's start.
+        self.objective = forgetting.setup_forgetting(self)
         adapter = self.config.adapter
         self.param_counts = log_model_summary(
             self.model, self.setup_result, adapter.use_lora, adapter.lora.use_dora
@@ -223,6 +227,7 @@ class Trainer:
             load_module_training_state(self.model, checkpoint.get("module_state") or {})
             self.state = ckpt.TrainState.from_checkpoint(checkpoint)
             logger.info("resuming from %s at step %d", resume_path, self.state.step)
+            forgetting.resume_selection(self)
         self._setup_average(checkpoint)
         return checkpoint
 
@@ -279,7 +284,9 @@ class Trainer:
         train_cuts, dev_cuts = datamodule.train_cuts(), datamodule.dev_cuts()
         self.sampler_state = checkpoint.get("sampler") if checkpoint is not None else None
         self.train_dl = datamodule.train_dataloaders(
-            train_cuts, sampler_state_dict=self.sampler_state
+            train_cuts,
+            sampler_state_dict=self.sampler_state,
+            replay_cuts=forgetting.replay_cuts(datamodule, self.tokenizer),
         )
         self.dev_dl = datamodule.dev_dataloaders(dev_cuts)
         self.forgetting_dl = None
@@ -394,9 +401,14 @@ class Trainer:
         with torch.autocast(
             device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp
         ):
-            loss = flow_matching_loss(
-                self.model, batch, condition_drop_ratio=config.model.condition_drop_ratio
-            )
+            if self.objective is None:
+                loss = flow_matching_loss(
+                    self.model, batch, condition_drop_ratio=config.model.condition_drop_ratio
+                )
+            else:
+                loss, self.last_terms = self.objective(
+                    self.model, batch, config.model.condition_drop_ratio
+                )
         if not all_ranks_agree(bool(torch.isfinite(loss)), self.world_size, self.device):
             self._skip_bad_batch(float(loss.detach()), batch.cut_ids)
             return False
@@ -442,7 +454,7 @@ class Trainer:
             format_eta(remaining) if total_steps else "-",
         )  # fmt: skip
         if is_main(self.rank):
-            values = {"train/loss": self.last_loss, "train/lr": lr}
+            values = {"train/loss": self.last_loss, "train/lr": lr, **self.last_terms}
             if self.use_amp:
                 values["train/grad_scale"] = self.scaler.get_scale()
             self.experiment.scalars(values, state.step)
