@@ -194,9 +194,7 @@ class OnnxZipVoice:
         speech_condition[0, :kept] = prompt_features[:kept]
         steps = time_steps(num_step, t_shift)
         for k in range(num_step):
-            v = self.velocity(
-                float(steps[k]), x, text_condition, speech_condition, guidance_scale
-            )
+            v = self.velocity(float(steps[k]), x, text_condition, speech_condition, guidance_scale)
             x = x + v * (steps[k + 1] - steps[k])
         return x[0, prompt_len:].T.copy()
 

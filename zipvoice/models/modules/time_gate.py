@@ -51,9 +51,7 @@ def parse_t_range(text: str) -> tuple[float, float]:
 def check_t_range(t_range: tuple[float, float]) -> tuple[float, float]:
     start, end = (float(v) for v in t_range)
     if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
-        raise TimeGateError(
-            f"--lora-t-range needs 0 <= A <= B <= 1, got {start:g},{end:g}"
-        )
+        raise TimeGateError(f"--lora-t-range needs 0 <= A <= B <= 1, got {start:g},{end:g}")
     return start, end
 
 
@@ -130,9 +128,7 @@ class TimeGate:
         self.adapted = adapted
         self.switches += 1
 
-    def _pre_hook(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._held:
             return
         t = kwargs["t"] if "t" in kwargs else args[1]
