@@ -171,7 +171,7 @@ def test_unmerged_scale_means_the_merged_interpolation(workdir, inputs, adapter)
     with zero.fm_decoder.disable_adapter():
         assert torch.equal(result, sample(zero, inputs))
     close(result, base)
-    for scale in (1.0, 0.5, 1.5):
+    for scale in (1.0, 0.5):
         unmerged = sample(load(workdir, adapter, merge_lora=False, lora_scale=scale), inputs)
         merged = sample(load(workdir, adapter, lora_scale=scale), inputs)
         torch.testing.assert_close(unmerged, merged, atol=2e-5, rtol=0)
