@@ -9,10 +9,12 @@ The model is the released configuration with random weights and a DoRA adapter (
 samples with no gate attached; `gated` attaches a `TimeGate` over the same modules with the
 range 0,0.5 (half the steps on each weight set: two swaps per sampling, the most a single
 range costs). The runs alternate merged, gated, merged, ... so load changes hit both alike;
-the table gives medians. With --onnx the same merged model is exported twice (plain, and
-time-gated with fm_decoder_base.onnx) and run on ONNX Runtime the same way; the int8 copies
-of the gated export are run too, and the mean absolute distance of their mel features to the
-fp32 ones is printed (same noise).
+the table gives medians. On a loaded machine whole runs vary by 10 % or more, so the row
+`gate work alone` times what the gate adds (two swaps, one hook call per step) on its own,
+and its ratio is (merged + that) / merged. With --onnx the same merged model is exported
+twice (plain, and time-gated with fm_decoder_base.onnx) and run on ONNX Runtime the same
+way; the int8 copies of the gated export are run too, and the mean absolute distance of their
+mel features to the fp32 ones is printed (same noise).
 """
 
 from __future__ import annotations
@@ -141,7 +143,25 @@ def torch_rows(cli, device) -> list[list]:
 
     times = alternate({"merged": merged, "gated 0,0.5": gated}, cli.repeats)
     ref = median(times["merged"])
-    return [["torch", name, device.type, median(t), median(t) / ref] for name, t in times.items()]
+    rows = [["torch", name, device.type, median(t), median(t) / ref] for name, t in times.items()]
+    # The gate's own work, timed alone (free of the load noise of whole runs): a sampling
+    # pays two swaps and one hook call per step.
+    gate = TimeGate(model.fm_decoder, base, T_RANGE)
+    start = time.perf_counter()
+    for _ in range(500):
+        gate.use_adapter(False)
+        gate.use_adapter(True)
+    swap = (time.perf_counter() - start) / 1000
+    t = torch.tensor([0.7, 0.7], device=device)
+    start = time.perf_counter()
+    for _ in range(1000):
+        gate._pre_hook(model.fm_decoder, (), {"t": t})
+        gate.use_adapter(True)
+    hook = (time.perf_counter() - start) / 1000 - swap
+    gate.remove()
+    work = 2 * swap + cli.num_step * max(hook, 0.0)
+    rows.append(["torch", "gate work alone", device.type, work, (ref + work) / ref])
+    return rows
 
 
 def onnx_rows(cli) -> tuple[list[list], str]:
@@ -194,7 +214,7 @@ def main() -> None:
         f"{describe_machine(device, cli.threads)}. Ratios to merged of the same backend."
     )
     headers = ["backend", "method", "device", "seconds", "time ratio"]
-    print(format_table(headers, [[b, m, d, f"{s:.3f}", f"{r:.3f}"] for b, m, d, s, r in rows]))
+    print(format_table(headers, [[b, m, d, f"{s:.6f}", f"{r:.5f}"] for b, m, d, s, r in rows]))
     if note:
         print(note)
 
