@@ -36,6 +36,9 @@ MODULES: dict[str, dict[str, str]] = {
         "torch_vocoder": "zipvoice.inference.torch_backend",
         "export_model": "zipvoice.onnx.export",
         "OnnxZipVoice": "zipvoice.onnx.runtime",
+        # replay and distillation (+replay / +kd rows); only later revisions have it
+        "ForgettingObjective": "zipvoice.training.distillation",
+        "start_weights": "zipvoice.training.distillation",
     },
     "utils": {
         "setup_model": "zipvoice.utils.trainer",
@@ -89,6 +92,13 @@ def library(name: str) -> Any:
     if not has_module(module):
         raise ImportError(f"{module} is not in this revision's tree ({layout()!r} layout)")
     return getattr(importlib.import_module(module), attribute or name)
+
+
+def tree_has(root: Path, module: str) -> bool:
+    """In the parent process, without importing: whether the tree at ``root`` (a checkout or
+    an exported revision) has ``module`` as a file or a package."""
+    path = root.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def training_config(flags: dict[str, Any]) -> Any:

@@ -65,7 +65,14 @@ from _common import (  # noqa: E402
     run_worker,
     synchronize,
 )
-from _layout import describe_layouts, layout, library, setting, training_config  # noqa: E402
+from _layout import (  # noqa: E402
+    describe_layouts,
+    layout,
+    library,
+    setting,
+    training_config,
+    tree_has,
+)
 
 PRESET_NAMES = ("attention", "attention_ff_conv", "all_linear")
 DEFAULT_METHODS = (
@@ -74,6 +81,7 @@ DEFAULT_METHODS = (
     + ("lora:attention+replay", "lora:attention+kd", "full+kd")
 )
 OBJECTIVES = ("replay", "kd")
+OBJECTIVE_MODULE = "zipvoice.training.distillation"  # what +replay / +kd rows need
 PAD_ID = 0
 
 
@@ -136,8 +144,8 @@ def objective_for(method: str, model: torch.nn.Module):
     _, objective = split_objective(method)
     if objective is None:
         return None
-    from zipvoice.training.distillation import ForgettingObjective, start_weights
-
+    ForgettingObjective = library("ForgettingObjective")  # noqa: N806
+    start_weights = library("start_weights")
     if objective == "replay":
         return ForgettingObjective(0.0, "replay", None)
     return ForgettingObjective(1.0, "replay", start_weights(model))
@@ -360,6 +368,18 @@ def main() -> None:
     )
 
 
+def revisions_for(method: str, revisions: dict[str, Path]) -> dict[str, Path]:
+    """The revisions that can run ``method``: a +replay / +kd row needs OBJECTIVE_MODULE, and
+    a revision that predates it (e.g. a --baseline) is skipped with a note."""
+    if split_objective(method)[1] is None:
+        return revisions
+    kept = {label: root for label, root in revisions.items() if tree_has(root, OBJECTIVE_MODULE)}
+    for label in revisions:
+        if label not in kept:
+            print(f"note: {method} not run for {label}: that revision has no {OBJECTIVE_MODULE}")
+    return kept
+
+
 def run_all(
     cli: argparse.Namespace, methods: list[str], argv: list[str], revisions: dict[str, Path]
 ) -> list[dict]:
@@ -369,16 +389,18 @@ def run_all(
     results = []
     for method in methods:
         pooled: dict[str, dict] = {}
-        for _ in range(cli.rounds if len(revisions) > 1 else 1):
+        runs_on = revisions_for(method, revisions)
+        rounds = cli.rounds if len(runs_on) > 1 else len(runs_on)  # one process, or none
+        for _ in range(rounds):
             print(f"running {method} ...", file=sys.stderr, flush=True)
             worker_argv = [*argv, f"--worker={method}"]
-            if len(revisions) > 1:
+            if len(runs_on) > 1:
                 round_results = run_lockstep(
-                    Path(__file__), worker_argv, revisions, cli.steps, method
+                    Path(__file__), worker_argv, runs_on, cli.steps, method
                 )
             else:
-                (label,) = revisions
-                round_results = {label: run_worker(Path(__file__), worker_argv, method)}
+                ((label, root),) = runs_on.items()
+                round_results = {label: run_worker(Path(__file__), worker_argv, method, root)}
             for label, result in round_results.items():
                 if label in pooled:
                     pooled[label]["step_seconds"] += result["step_seconds"]

@@ -49,9 +49,31 @@ def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -
         "--lora-scale",
         type=finite_float,
         default=1.0,
-        help="Adapter strength: 0 = base model, 1 = as trained.",
+        help="Adapter strength s: each adapted weight is W0 + s*(W_merged - W0) (merged or not, "
+        "LoRA or DoRA); 0 = base decoder, 1 = as trained.",
     )
     parser.add_argument("--merge-lora", type=str2bool, default=True, help=merge_lora_help)
+    add_t_range_argument(parser)
+
+
+def add_t_range_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora-t-range",
+        type=t_range_arg,
+        default=None,
+        help="A,B: apply the adapter only on ODE steps whose start time t (after t-shift) has "
+        "A <= t < B, the base decoder elsewhere (0,1 = always, A,A = never). Default: always.",
+    )
+
+
+def t_range_arg(text: str) -> tuple[float, float]:
+    """argparse type for --lora-t-range: a bad value is argparse's one-line error."""
+    from zipvoice.models.modules.time_gate import TimeGateError, parse_t_range
+
+    try:
+        return parse_t_range(text)
+    except TimeGateError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[nn.Module, Path, dict[str, Any]]:
@@ -63,6 +85,7 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[nn.Module, Path, dic
         lora_path=args.lora_path,
         lora_scale=args.lora_scale,
         merge_lora=args.merge_lora,
+        lora_t_range=args.lora_t_range,
     )
 
 

@@ -54,9 +54,12 @@ def build_model(
         raise ModelConfigError(f"bad vocabulary: vocab_size={vocab_size}, pad_id={pad_id}")
     cls = ZipVoiceDistill if distill else ZipVoice
     try:
-        return cls(**dict(config), vocab_size=vocab_size, pad_id=pad_id)
+        model = cls(**dict(config), vocab_size=vocab_size, pad_id=pad_id)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelConfigError(f"model.json: invalid model configuration: {exc}") from exc
+    # The constructor arguments travel with the model, for exports that write model.json.
+    model.model_config = {"model": dict(config)}
+    return model
 
 
 def resolve_model_dir(

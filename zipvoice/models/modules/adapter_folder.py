@@ -43,6 +43,7 @@ from zipvoice.models.modules.lora_utils import (
     lora_init_name,
     lora_layers,
     merge_lora_weights,
+    scale_unmerged_adapters,
 )
 from zipvoice.tokenizer.tokenizer import frontend_language
 from zipvoice.utils.fileio import atomic_replace_dir, atomic_write_json
@@ -328,14 +329,17 @@ def load_adapter(
     base_state_dict_fingerprint: str | None,
     scale: float = 1.0,
     merge: bool = True,
+    base_weights: dict[str, Tensor] | None = None,
 ) -> nn.Module:
     """Apply an adapter folder to a base ZipVoice model in place and return it.
 
     `base_state_dict_fingerprint` is `fingerprint_state_dict` of the base checkpoint the model
     was loaded from; None skips the check (not recommended). `scale` weighs the adapter: 0 gives
     the base decoder exactly, 1 the trained one (see `merge_lora_weights`). With merge=False the
-    PEFT wrapper stays (useful to compare or to train further); scale then must be 1 for DoRA.
-    The text side (embedding, text encoder) is always the trained one.
+    PEFT wrapper stays (useful to compare or to train further), scaled with the same meaning
+    (`scale_unmerged_adapters`).
+    The text side (embedding, text encoder) is always the trained one. `base_weights` (merge
+    only) receives the adapted modules' base weights, for a time gate.
     """
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
@@ -355,11 +359,6 @@ def load_adapter(
     except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
         raise AdapterError(f"cannot apply the PEFT adapter in {adapter_dir}: {err}") from err
     if merge:
-        return merge_lora_weights(model_base, scale=scale)
-    if scale != 1.0:
-        layers = lora_layers(model_base)
-        if any(layer.use_dora.get("default", False) for _, layer in layers):
-            raise AdapterError("a DoRA adapter can only be scaled when merged (merge=True)")
-        for _, layer in layers:
-            layer.scale_layer(scale)
+        return merge_lora_weights(model_base, scale=scale, base_weights=base_weights)
+    scale_unmerged_adapters(model_base, scale)
     return model_base

@@ -13,6 +13,7 @@ names one function returns are accepted by the others and by PEFT.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from torch import nn
+from torch import Tensor, nn
 
 from zipvoice.models.modules.lora_config import (
     ATTENTION_SUFFIXES,
@@ -222,13 +223,18 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 
 
 @torch.no_grad()
-def merge_lora_weights(model: nn.Module, scale: float = 1.0) -> nn.Module:
+def merge_lora_weights(
+    model: nn.Module, scale: float = 1.0, base_weights: dict[str, Tensor] | None = None
+) -> nn.Module:
     """Merge the adapters into the decoder weights and drop PEFT: a plain ZipVoice again.
 
     `scale` interpolates each adapted weight between the base (0) and the trained merge (1):
     W = W0 + scale * (W_merged - W0). For plain LoRA this is exactly multiplying the adapter's
     scaling; for DoRA, whose magnitude vector is not an additive term, it is the only definition
     for which 0 gives the base model exactly.
+
+    `base_weights`, when given, receives each adapted module's base weight W0 (the copy the
+    merge takes anyway), for a time gate (`time_gate.TimeGate`) to swap back in.
     """
     if not is_lora_model(model):
         raise ValueError("the model has no LoRA adapters to merge")
@@ -237,6 +243,8 @@ def merge_lora_weights(model: nn.Module, scale: float = 1.0) -> nn.Module:
     for name, layer in lora_layers(model):
         weight = layer.get_base_layer().weight
         original = weight.data.clone()
+        if base_weights is not None:
+            base_weights[name] = original
         layer.merge(safe_merge=True)
         if scale != 1.0:
             weight.data = original + scale * (weight.data - original)
@@ -244,6 +252,50 @@ def merge_lora_weights(model: nn.Module, scale: float = 1.0) -> nn.Module:
             raise ValueError(f"merging the adapter of {name} produced non-finite weights")
     model.fm_decoder = get_peft_decoder(model).unload()
     return model
+
+
+class _InterpolatedOutput:
+    """Forward hooks making one unmerged adapted layer compute x @ W_s^T + b with
+    W_s = W0 + s * (W_merged - W0): y_s = y_base + s * (y_adapted - y_base). The base output
+    is the one PEFT computes anyway (kept by a hook on the base layer), so scaling costs one
+    element-wise blend per layer, and s = 0 gives the base layer's output exactly."""
+
+    def __init__(self, layer: LoraLayer, scale: float) -> None:
+        self.scale = scale
+        self.base_output: Tensor | None = None
+        base = layer.get_base_layer()
+        self.handles = [
+            base.register_forward_hook(self._keep_base),
+            layer.register_forward_hook(self._blend),
+        ]
+
+    def _keep_base(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self.base_output = output
+
+    def _blend(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+        base, self.base_output = self.base_output, None
+        if base is None or base.shape != output.shape:
+            return None
+        return base + self.scale * (output - base)
+
+
+def scale_unmerged_adapters(model: nn.Module, scale: float) -> None:
+    """Weigh unmerged adapters by `scale` with the meaning `merge_lora_weights` gives it
+    (W_s = W0 + s * (W_merged - W0)), so merged and unmerged inference agree at every s.
+
+    LoRA: PEFT's `scale_layer` (the delta is linear in its scaling, so this is W_s exactly).
+    DoRA: the merged weight is a normalised direction times a magnitude, not linear in the
+    scaling, so the layer's output is blended with the base output instead (linear in W).
+    """
+    if not math.isfinite(scale):
+        raise ValueError(f"adapter scale must be finite, got {scale}")
+    if scale == 1.0:
+        return
+    for _, layer in lora_layers(model):
+        if layer.use_dora.get("default", False):
+            _InterpolatedOutput(layer, scale)
+        else:
+            layer.scale_layer(scale)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
