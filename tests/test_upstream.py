@@ -1,0 +1,285 @@
+"""Upstream parity: averaging, schedules, upstream's Python names and torchrun (docs/upstream.md).
+
+The tiny reference-format model of the parity fixtures stands in for the released one; the
+training runs use the generated Japanese corpus of `tests.data_fixtures`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import PARITY, REPO
+from tests.data_fixtures import *  # noqa: F403 - session fixtures
+from tests.test_train import user_config, user_flags
+from zipvoice.bin.generate_averaged_model import main as average_main
+from zipvoice.models.loader import build_model, load_model_config
+from zipvoice.tokenizer.tokenizer import SimpleTokenizer
+from zipvoice.training.optimizer import build_optimizer
+from zipvoice.training.trainer import run_training
+from zipvoice.utils import checkpoint as upstream_ckpt
+from zipvoice.utils.common import AttributeDict, MetricsTracker, str2bool
+from zipvoice.utils.lr_scheduler import Eden, FixedLRScheduler
+
+MODEL_DIR = PARITY / "zipvoice"
+
+
+def tiny_model() -> torch.nn.Module:
+    tokens = SimpleTokenizer(PARITY / "tokens.txt")
+    return build_model(
+        load_model_config(MODEL_DIR / "model.json"), tokens.vocab_size, tokens.pad_id
+    )
+
+
+def upstream_run(exp_dir: Path, steps=(10, 20, 30), period: int = 10) -> list[dict]:
+    """An upstream-layout exp-dir: checkpoint-N.pt written by upstream's save_checkpoint
+    signature, with the running average upstream's update_averaged_model keeps."""
+    exp_dir.mkdir(parents=True)
+    shutil.copy(MODEL_DIR / "model.json", exp_dir / "model.json")
+    shutil.copy(PARITY / "tokens.txt", exp_dir / "tokens.txt")
+    torch.manual_seed(0)
+    model = tiny_model()
+    model_avg = tiny_model().to(torch.float64)
+    model_avg.load_state_dict(model.state_dict())
+    weights = []
+    for step in range(period, steps[-1] + 1, period):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
+        params = AttributeDict(batch_idx_train=step, average_period=period, cur_epoch=1)
+        upstream_ckpt.update_averaged_model(params, model, model_avg)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        if step in steps:
+            upstream_ckpt.save_checkpoint_with_global_batch_idx(
+                exp_dir, step, model, model_avg=model_avg, params=params
+            )
+    return weights
+
+
+def mean_of(states: list[dict]) -> dict:
+    return {
+        k: torch.stack([s[k].double() for s in states]).mean(0) for k in states[0]
+        if torch.is_floating_point(states[0][k])
+    }  # fmt: skip
+
+
+def test_averaging_n_checkpoints_equals_the_mean_of_their_weights(tmp_path):
+    weights = upstream_run(tmp_path / "exp")
+    assert average_main(
+        ["--iter", "30", "--avg", "3", "--use-averaged-model", "0", "--exp-dir",
+         str(tmp_path / "exp")]
+    ) == 0  # fmt: skip
+    averaged = torch.load(tmp_path / "exp" / "iter-30-avg-3.pt", weights_only=True)["model"]
+    expected = mean_of(weights)
+    for key, value in expected.items():
+        assert torch.allclose(averaged[key].double(), value, atol=1e-6), key
+    assert not torch.allclose(averaged["embed.weight"].double(), weights[-1]["embed.weight"].double())
+
+
+def test_the_running_average_gives_the_mean_over_the_range(tmp_path):
+    """upstream's --iter 30 --avg 2: every average-period step in (10, 30], i.e. steps 20, 30."""
+    weights = upstream_run(tmp_path / "exp")
+    average_main(["--iter", "30", "--avg", "2", "--exp-dir", str(tmp_path / "exp")])
+    averaged = torch.load(tmp_path / "exp" / "iter-30-avg-2.pt", weights_only=True)["model"]
+    for key, value in mean_of(weights[1:]).items():
+        assert torch.allclose(averaged[key].double(), value, atol=1e-5), key
+    with pytest.raises(SystemExit, match="needs 4 checkpoints"):
+        average_main(["--iter", "30", "--avg", "3", "--exp-dir", str(tmp_path / "exp")])
+
+
+def test_upstream_checkpoint_functions_with_upstream_arguments(tmp_path):
+    upstream_run(tmp_path / "exp")
+    exp = tmp_path / "exp"
+    assert [Path(p).name for p in upstream_ckpt.find_checkpoints(exp)] == [
+        "checkpoint-30.pt", "checkpoint-20.pt", "checkpoint-10.pt"]  # fmt: skip
+    assert len(upstream_ckpt.find_checkpoints(exp, iteration=-20)) == 2
+    model, model_avg = tiny_model(), tiny_model()
+    rest = upstream_ckpt.load_checkpoint(
+        filename=exp / "checkpoint-30.pt", model=model, model_avg=model_avg, strict=True
+    )
+    assert rest["batch_idx_train"] == 30 and "model" not in rest and "model_avg" not in rest
+    start_end = upstream_ckpt.average_checkpoints_with_averaged_model(
+        filename_start=exp / "checkpoint-10.pt", filename_end=exp / "checkpoint-30.pt"
+    )
+    assert set(start_end) == set(model.state_dict())
+    upstream_ckpt.remove_checkpoints(out_dir=exp, topk=1)
+    assert [Path(p).name for p in upstream_ckpt.find_checkpoints(exp)] == ["checkpoint-30.pt"]
+    # The project's two-argument form still writes any object atomically.
+    upstream_ckpt.save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "plain.pt")
+    assert torch.equal(torch.load(tmp_path / "plain.pt", weights_only=True)["model"]["w"],
+                       torch.ones(2))  # fmt: skip
+
+
+def test_upstream_common_and_scheduler_names():
+    params = AttributeDict({"exp_dir": Path("exp")})
+    params.batch_idx_train = 3
+    assert params["batch_idx_train"] == 3 and "exp" in str(params)
+    with pytest.raises(AttributeError):
+        _ = params.missing
+    tracker = MetricsTracker()
+    tracker["frames"], tracker["loss"] = 10, 5.0
+    total = tracker + tracker
+    assert total["frames"] == 20 and dict(total.norm_items())["loss"] == 0.5
+    assert str2bool("yes") is True and str2bool("0") is False
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    eden = Eden(optimizer, lr_batches=100, lr_epochs=2, warmup_batches=0)
+    eden.step_batch(100)
+    eden.step_epoch(2)
+    assert eden.get_last_lr()[0] == pytest.approx(0.1 * 2**-0.25 * 2**-0.25)
+    fixed = FixedLRScheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    fixed.step_batch(10000)
+    fixed.step_epoch(5)
+    assert fixed.get_last_lr() == [0.1]
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def test_schedules_follow_upstream(japanese_fbank_manifests, tmp_path):
+    data = japanese_fbank_manifests
+    full = dict(use_lora=False, optimizer="auto", base_lr=None, lr_hours=0, lr_epochs=2)
+    model = tiny_model()
+    # --finetune 1 with ScaledAdam: a constant rate (upstream's FixedLRScheduler).
+    _, scheduler, kind = build_optimizer(model, user_config(data, tmp_path, **full))
+    assert kind == "scaledadam" and isinstance(scheduler, FixedLRScheduler)
+    scheduler.step_batch(0)
+    first = scheduler.get_last_lr()[0]
+    scheduler.step_batch(50000)
+    scheduler.step_epoch(7)
+    assert first == scheduler.get_last_lr()[0] == 0.02
+    # --finetune 0: Eden, whose epoch factor --lr-epochs sets.
+    _, eden, _ = build_optimizer(model, user_config(data, tmp_path, finetune=False, **full))
+    eden.step_batch(500)
+    at_epoch0 = eden.get_last_lr()[0]
+    eden.step_epoch(2)
+    assert eden.get_last_lr()[0] == pytest.approx(at_epoch0 * 2**-0.25)
+    # AdamW (adapters) keeps the project's warm-up.
+    _, warm, kind = build_optimizer(model, user_config(data, tmp_path, use_lora=False,
+                                                       optimizer="adamw", warmup_steps=4))
+    assert kind == "adamw" and warm.get_last_lr()[0] == pytest.approx(1e-3 / 5)
+
+
+def test_validation_cadence_follows_upstream(japanese_fbank_manifests, tmp_path):
+    data = japanese_fbank_manifests
+    config = user_config(data, tmp_path, valid_interval=-1, save_every_n=7)
+    assert config.valid_interval == 7  # upstream: valid_interval = save_every_n
+    assert config.replace(valid_interval=3).valid_interval == 3
+    assert config.replace(valid_by_epoch=True).valid_interval == 0
+
+
+def test_lr_epochs_steps_per_epoch_in_a_full_run(japanese_fbank_manifests, tmp_path):
+    """Two epochs of full training with Eden: the second starts with step_epoch(1)."""
+    from zipvoice.training.callbacks import RecordLosses
+
+    data = japanese_fbank_manifests
+    record = RecordLosses()
+    config = user_config(
+        data, tmp_path, use_lora=False, finetune=False, optimizer="scaledadam", base_lr=0.02,
+        lr_hours=0, lr_epochs=1, num_iters=0, num_epochs=2, save_every_n=0, valid_interval=0,
+        valid_by_epoch=True, max_duration=40, avg=0, use_fp16=False,
+    )  # fmt: skip
+    run_training(config, callbacks=[record])
+    newest = max(tmp_path.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    saved = torch.load(newest, weights_only=True)
+    assert saved["scheduler"]["epoch"] == 1  # epoch 2 started with step_epoch(1)
+    # --valid-by-epoch 1: one validation per epoch start, plus the final one.
+    assert len(record.valid) == 3
+
+
+# ---------------------------------------------------------------- the trainer's average
+
+
+def test_trainer_writes_the_averaged_adapter_and_it_loads(japanese_fbank_manifests, tmp_path):
+    from zipvoice.inference.torch_backend import load_model_for_inference
+
+    data = japanese_fbank_manifests
+    exp = tmp_path / "exp"
+    config = user_config(data, exp, num_iters=4, save_every_n=1, valid_interval=0,
+                         average_period=1, avg=2, use_dora=False)  # fmt: skip
+    run_training(config)
+    last, before = load_file(exp / "adapter-4" / "adapter_model.safetensors"), load_file(
+        exp / "adapter-3" / "adapter_model.safetensors")  # fmt: skip
+    averaged = load_file(exp / "adapter" / "adapter_model.safetensors")
+    moved = 0
+    for key, value in averaged.items():
+        assert torch.allclose(value, (last[key] + before[key]) / 2, atol=1e-6), key
+        moved += not torch.equal(last[key], before[key])
+    assert moved > 0
+    from tests.helpers import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "released", "zipvoice")
+    model, _, meta = load_model_for_inference(model_dir=model_dir, lora_path=exp / "adapter")
+    assert meta and not model.training
+    # generate_averaged_model over the same range writes the same adapter.
+    average_main(["--iter", "4", "--avg", "2", "--exp-dir", str(exp)])
+    again = load_file(exp / "iter-4-avg-2" / "adapter_model.safetensors")
+    for key, value in averaged.items():
+        assert torch.allclose(again[key], value, atol=1e-6), key
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env
+
+
+def _train_argv(data: dict, exp: Path) -> list[str]:
+    return ["-m", "zipvoice.bin.train_zipvoice"] + user_flags(
+        data, exp, num_iters=2, save_every_n=0, valid_interval=0, max_duration=3, use_fp16=0
+    )
+
+
+def _check_one_writer(exp: Path) -> None:
+    checkpoint = torch.load(exp / "checkpoint-2.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
+    assert (exp / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(list(exp.glob("checkpoint-*.pt"))) == 1
+    config = json.loads((exp / "run_config.json").read_text())
+    assert config["args"]["exp_dir"] == str(exp)
+
+
+def test_torchrun_two_ranks_one_writer(japanese_fbank_manifests, tmp_path):
+    exp = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]  # fmt: skip
+    done = subprocess.run(cmd + _train_argv(japanese_fbank_manifests, exp), env=_torchrun_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    _check_one_writer(exp)
+    log = "\n".join(p.read_text() for p in (exp / "log").iterdir())
+    assert "rank 1/2" in log and "rank 0/2" in log
+
+
+def test_two_node_rendezvous_on_localhost(japanese_fbank_manifests, tmp_path):
+    exp, port = tmp_path / "exp", str(_free_port())
+    launchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+             "1", "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port]
+            + _train_argv(japanese_fbank_manifests, exp),
+            env=_torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
+    for launcher, output in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, output[-3000:]
+    _check_one_writer(exp)
