@@ -82,7 +82,8 @@ def test_averaging_n_checkpoints_equals_the_mean_of_their_weights(tmp_path):
     expected = mean_of(weights)
     for key, value in expected.items():
         assert torch.allclose(averaged[key].double(), value, atol=1e-6), key
-    assert not torch.allclose(averaged["embed.weight"].double(), weights[-1]["embed.weight"].double())
+    last = weights[-1]["embed.weight"].double()
+    assert not torch.allclose(averaged["embed.weight"].double(), last)
 
 
 def test_the_running_average_gives_the_mean_over_the_range(tmp_path):
@@ -163,8 +164,9 @@ def test_schedules_follow_upstream(japanese_fbank_manifests, tmp_path):
     eden.step_epoch(2)
     assert eden.get_last_lr()[0] == pytest.approx(at_epoch0 * 2**-0.25)
     # AdamW (adapters) keeps the project's warm-up.
-    _, warm, kind = build_optimizer(model, user_config(data, tmp_path, use_lora=False,
-                                                       optimizer="adamw", warmup_steps=4))
+    _, warm, kind = build_optimizer(
+        model, user_config(data, tmp_path, use_lora=False, optimizer="adamw", warmup_steps=4)
+    )
     assert kind == "adamw" and warm.get_last_lr()[0] == pytest.approx(1e-3 / 5)
 
 
@@ -271,10 +273,26 @@ def test_two_node_rendezvous_on_localhost(japanese_fbank_manifests, tmp_path):
     exp, port = tmp_path / "exp", str(_free_port())
     launchers = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
-             "1", "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port]
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(node),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+            ]
             + _train_argv(japanese_fbank_manifests, exp),
-            env=_torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_torchrun_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for node in (0, 1)
     ]

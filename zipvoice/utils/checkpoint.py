@@ -300,7 +300,7 @@ def remove_checkpoints(out_dir: str | Path, topk: int, rank: int = 0) -> None:
 def average_checkpoints_with_averaged_model(
     filename_start: str | Path,
     filename_end: str | Path,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | str = "cpu",
 ) -> dict[str, Tensor]:
     """The mean of the weights over (start, end] from both files' `model_avg` (upstream's)."""
     from zipvoice.utils.averaging import average_checkpoints
