@@ -300,3 +300,42 @@ def test_two_node_rendezvous_on_localhost(japanese_fbank_manifests, tmp_path):
     for launcher, output in zip(launchers, outputs, strict=True):
         assert launcher.returncode == 0, output[-3000:]
     _check_one_writer(exp)
+
+
+# ---------------------------------------------------------------- infer --raw-evaluation
+
+
+def test_raw_evaluation_feeds_the_inputs_as_given(tmp_path):
+    """--raw-evaluation: one piece of text, no added punctuation, the prompt's silences kept."""
+    import numpy as np
+    import soundfile as sf
+
+    from zipvoice.bin.infer_zipvoice import get_parser
+    from zipvoice.inference.generation import Synthesizer, make_text_functions
+
+    sr = 24000
+    t = np.arange(int(1.5 * sr)) / sr
+    voiced = 0.05 * np.sin(2 * np.pi * 220 * t)
+    silence = np.zeros(sr, dtype=np.float64)
+    prompt_wav = tmp_path / "prompt.wav"
+    sf.write(prompt_wav, np.concatenate([silence, voiced, silence]).astype(np.float32), sr)
+    text_to_tokens, tokens_to_ids = make_text_functions("simple", PARITY / "tokens.txt", "en-us")
+    calls: list[tuple[list[list[int]], list[int], int]] = []
+
+    def sample(batch, prompt_ids, prompt_features):
+        calls.append((batch, prompt_ids, prompt_features.shape[0]))
+        return [np.zeros((prompt_features.shape[1], 5), np.float32) for _ in batch]
+
+    vocode = lambda mel: np.zeros(mel.shape[-1] * 256, np.float32)  # noqa: E731
+    text = "a b c d e f g h, i j k l m n o p, " * 12
+    for raw in (False, True):
+        synth = Synthesizer(text_to_tokens, tokens_to_ids, sample, vocode, raw_evaluation=raw)
+        synth.synthesize(text, prompt_wav, "hello there")
+    (cooked_batches, cooked_prompt, cooked_frames) = calls[0][:3]
+    raw_calls = calls[1:]
+    assert len(raw_calls) == 1 and len(raw_calls[0][0]) == 1  # one batch, one piece
+    assert raw_calls[0][0][0] == tokens_to_ids([text_to_tokens(text)])[0]
+    assert raw_calls[0][1] == tokens_to_ids([text_to_tokens("hello there")])[0]
+    assert cooked_prompt == tokens_to_ids([text_to_tokens("hello there.")])[0]
+    assert raw_calls[0][2] > cooked_frames + 50  # ~2 s of edge silence kept (~94 frames/s)
+    assert get_parser().parse_args(["--raw-evaluation", "1"]).raw_evaluation is True
