@@ -339,3 +339,52 @@ def test_raw_evaluation_feeds_the_inputs_as_given(tmp_path):
     assert cooked_prompt == tokens_to_ids([text_to_tokens("hello there.")])[0]
     assert raw_calls[0][2] > cooked_frames + 50  # ~2 s of edge silence kept (~94 frames/s)
     assert get_parser().parse_args(["--raw-evaluation", "1"]).raw_evaluation is True
+
+
+# ---------------------------------------------------------------- data preparation
+
+
+def test_data_preparation_skips_finished_work_and_refuses_other_outputs(
+    japanese_fbank_manifests, tmp_path, caplog
+):
+    """A rerun with the same inputs and settings skips each step (upstream's behaviour); an
+    output of other inputs or settings is still refused."""
+    import logging
+
+    from lhotse import CutSet
+
+    from zipvoice.bin import compute_fbank as fbank_bin
+    from zipvoice.bin import prepare_tokens as tokens_bin
+    from zipvoice.dataset.fbank import compute_fbank
+    from zipvoice.dataset.tokens import prepare_tokens
+
+    assert tokens_bin.get_parser().parse_args(["--input-file", "a", "--output-file", "b"]
+                                              ).tokenizer == "emilia"  # fmt: skip
+    raw = japanese_fbank_manifests["raw_manifest_dir"] / "japanese_cuts_raw_train.jsonl.gz"
+    manifests = tmp_path / "manifests"
+    out = manifests / "ja_cuts_train.jsonl.gz"
+    prepare_tokens(raw, out, tokenizer="japanese")
+    written = out.read_bytes()
+    with caplog.at_level(logging.INFO):
+        again = prepare_tokens(raw, out, tokenizer="japanese")
+    assert "already done" in caplog.text and out.read_bytes() == written
+    assert again.num_cuts == len(CutSet.from_file(out))
+    with pytest.raises(FileExistsError, match="other inputs or settings"):
+        prepare_tokens(raw, out, tokenizer="simple")
+    # Features: the same; then split pieces, upstream's naming, one of them missing.
+    compute_fbank(manifests, tmp_path / "fbank", prefix="ja", subset="train", progress=False)
+    feats = (tmp_path / "fbank" / "ja_cuts_train.jsonl.gz").read_bytes()
+    fbank_bin.main(["--source-dir", str(manifests), "--dest-dir", str(tmp_path / "fbank"),
+                    "--prefix", "ja", "--subset", "train", "--num-jobs", "1"])  # fmt: skip
+    assert (tmp_path / "fbank" / "ja_cuts_train.jsonl.gz").read_bytes() == feats
+    cuts = CutSet.from_file(out).to_eager()
+    for index, piece in enumerate(cuts.split(2)):
+        if index == 1:
+            piece.to_file(manifests / f"ja_cuts_dev.{index:08d}.jsonl.gz")
+    fbank_bin.main(["--source-dir", str(manifests), "--dest-dir", str(tmp_path / "fbank"),
+                    "--prefix", "ja", "--subset", "dev", "--split-cuts", "1",
+                    "--split-begin", "0", "--split-end", "2", "--num-jobs", "1"])  # fmt: skip
+    piece = tmp_path / "fbank" / "ja_cuts_dev.00000001.jsonl.gz"
+    assert len(CutSet.from_file(piece)) == len(cuts.split(2)[1])
+    assert not (tmp_path / "fbank" / "ja_cuts_dev.00000000.jsonl.gz").exists()
+    assert all(c.has_features for c in CutSet.from_file(piece))
