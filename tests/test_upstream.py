@@ -388,3 +388,31 @@ def test_data_preparation_skips_finished_work_and_refuses_other_outputs(
     assert len(CutSet.from_file(piece)) == len(cuts.split(2)[1])
     assert not (tmp_path / "fbank" / "ja_cuts_dev.00000000.jsonl.gz").exists()
     assert all(c.has_features for c in CutSet.from_file(piece))
+
+
+def test_upstream_infer_helpers_take_upstream_arguments(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from zipvoice.utils import infer
+
+    sr = 24000
+    tone = 0.1 * np.sin(2 * np.pi * 220 * np.arange(sr) / sr)
+    path = tmp_path / "p.wav"
+    sf.write(path, np.concatenate([np.zeros(sr // 2), tone, np.zeros(sr // 2)]), 16000)
+    wav = infer.load_prompt_wav(str(path), sampling_rate=sr)
+    assert wav.shape == (1, 2 * sr * 3 // 2) and wav.dtype == torch.float32
+    quiet, rms = infer.rms_norm(wav * 0.1, target_rms=0.1)
+    assert torch.sqrt(torch.mean(quiet**2)) == pytest.approx(0.1, rel=1e-4) and rms < 0.1
+    trimmed = infer.remove_silence(wav, sr, only_edge=False, trail_sil=200)
+    assert trimmed.shape[0] == 1 and trimmed.shape[1] < wav.shape[1]
+    assert trimmed[0, -int(0.19 * sr) :].abs().max() == 0  # the 200 ms trailing silence
+    a, b = torch.ones(1, 4800), torch.zeros(1, 4800)
+    joined = infer.cross_fade_concat([a, b], fade_duration=0.1, sample_rate=sr)
+    assert joined.shape == (1, 4800 + 4800 - 2400)
+    chunks = infer.chunk_tokens_punctuation(list("ab,cd.ef"), max_tokens=3)
+    assert ["".join(c) for c in chunks] == ["ab,", "cd.", "ef"]
+    batches, index = infer.batchify_tokens([[1, 2, 3], [1]], max_duration=10, prompt_duration=1,
+                                           token_duration=1)  # fmt: skip
+    assert batches == [[[1], [1, 2, 3]]] and index == [1, 0]
+    assert infer.add_punctuation("hello") == "hello."
