@@ -56,6 +56,7 @@ from zipvoice.training.experiment_log import (
     log_model_summary,
     setup_run_logging,
 )
+from zipvoice.training.final_model import save_final_product, save_step_adapter
 from zipvoice.training.model_setup import (
     ModelSetup,
     TrainablePredicate,
@@ -545,39 +546,9 @@ class Trainer:
         ckpt.prune_checkpoints(self.exp_dir, self.config.run.keep_last_k)
         name = "adapter" if final else f"adapter-{state.step}"
         if final:
-            self._save_final_product(raw)
+            save_final_product(self, raw)
         elif is_lora_model(raw):
-            self._save_adapter(raw, name)
+            save_step_adapter(self, raw, name)
         ckpt.write_run_manifest(self.exp_dir, self.setup_result.base_fingerprint)
         adapter = f" and {name}/" if is_lora_model(raw) else ""
         logger.info("saved %s%s", checkpoint_path.name, adapter)
-
-    def _save_adapter(self, raw: nn.Module, name: str) -> None:
-        ckpt.save_run_adapter(
-            raw, self.exp_dir / name, self.config, self.setup_result, self.model_config,
-            step=self.state.step, initial_adapter_dir=self.initial_adapter_dir,
-        )  # fmt: skip
-
-    def _save_final_product(self, raw: nn.Module) -> None:
-        """`adapter/` (or `finetuned/`), what inference and export use: the running average
-        over the last --avg save intervals, as upstream recipes average before inference; the
-        last weights stay in the final checkpoint (and `adapter-{step}/`)."""
-        from zipvoice.models.modules.lora_utils import is_lora_model
-        from zipvoice.utils.averaging import final_average, swapped_weights
-
-        config, step = self.config, self.state.step
-        averaged, what = final_average(
-            self.exp_dir, self.model_avg, step, config.optim.average_period, config.run.avg,
-            config.run.save_every_n,
-        )  # fmt: skip
-        lora = is_lora_model(raw)
-        if averaged is not None and lora:
-            self._save_adapter(raw, f"adapter-{step}")
-        with swapped_weights(raw, averaged):
-            if lora:
-                self._save_adapter(raw, "adapter")
-            else:
-                ckpt.save_full_model(
-                    raw, self.exp_dir / "finetuned", config.model.token_file, self.model_config
-                )
-        logger.info("%s holds %s", "adapter/" if lora else "finetuned/", what)
