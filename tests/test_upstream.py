@@ -416,3 +416,19 @@ def test_upstream_infer_helpers_take_upstream_arguments(tmp_path):
                                            token_duration=1)  # fmt: skip
     assert batches == [[[1], [1, 2, 3]]] and index == [1, 0]
     assert infer.add_punctuation("hello") == "hello."
+
+
+def test_upstream_dataset_keywords_and_datamodule_names(japanese_fbank_manifests):
+    from zipvoice.dataset.config import DataConfig
+    from zipvoice.dataset.datamodule import TtsDataModule
+    from zipvoice.dataset.dataset import SpeechSynthesisDataset
+
+    data = japanese_fbank_manifests
+    module = TtsDataModule(DataConfig(dataset="custom", num_workers=0, max_duration=20))
+    cuts = module.train_custom_cuts(str(data["train_cuts"]))
+    assert len(module.dev_custom_cuts(str(data["dev_cuts"]))) > 0
+    batch = SpeechSynthesisDataset(return_text=False, return_tokens=True, return_spk_ids=True)[
+        cuts.subset(first=2)
+    ]
+    assert "text" not in batch and len(batch["tokens"]) == 2
+    assert batch["speakers"] == [c.supervisions[0].speaker for c in cuts.subset(first=2)]
