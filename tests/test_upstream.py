@@ -432,3 +432,60 @@ def test_upstream_dataset_keywords_and_datamodule_names(japanese_fbank_manifests
     ]
     assert "text" not in batch and len(batch["tokens"]) == 2
     assert batch["speakers"] == [c.supervisions[0].speaker for c in cuts.subset(first=2)]
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_distillation_from_a_lora_teacher_lowers_the_distillation_loss(
+    japanese_fbank_manifests, tmp_path
+):
+    import random
+
+    from tests.helpers import make_model_dir
+    from zipvoice.bin.train_zipvoice_distill import main as distill_main
+    from zipvoice.training.distill import distillation_loss
+    from zipvoice.training.distill_run import DistillRun
+    from zipvoice.training.steps import prepare_batch
+
+    data = japanese_fbank_manifests
+    run_training(user_config(data, tmp_path / "lora", num_iters=4, save_every_n=0,
+                             valid_interval=0, use_dora=False))  # fmt: skip
+    base = make_model_dir(tmp_path / "base", "zipvoice")
+    argv = user_flags(data, tmp_path / "distill", num_iters=2, save_every_n=1)
+    keep = {"--max-duration", "--tokenizer", "--dataset", "--train-manifest", "--dev-manifest",
+            "--num-workers", "--exp-dir", "--num-iters", "--save-every-n"}  # fmt: skip
+    argv = [v for k, v in zip(argv[::2], argv[1::2], strict=True) for v in (k, v) if k in keep]
+    argv += ["--teacher-model", str(base / "model.pt"), "--teacher-lora",
+             str(tmp_path / "lora" / "adapter"), "--distill-stage", "first"]  # fmt: skip
+    assert distill_main(argv + ["--base-lr", "0.01"]) == 0
+    out = tmp_path / "distill"
+    assert (out / "distilled" / "model.pt").is_file() and (out / "checkpoint-2.pt").is_file()
+    average_main(["--iter", "2", "--avg", "2", "--use-averaged-model", "0", "--exp-dir", str(out),
+                  "--model-name", "zipvoice_distill"])  # fmt: skip
+    assert (out / "iter-2-avg-2.pt").is_file()
+
+    from zipvoice.bin.train_zipvoice_distill import config_from_args, get_parser
+
+    config = config_from_args(get_parser().parse_args(argv + ["--exp-dir", str(tmp_path / "d2"),
+                                                             "--base-lr", "0.02"]))  # fmt: skip
+    run = DistillRun(config)
+    raw = next(iter(run.loader()))
+    batch = prepare_batch(raw, run.tokenizer, config.feat_scale, torch.device("cpu"))
+
+    def fixed_loss() -> float:
+        run.student.eval()
+        torch.manual_seed(0)
+        rng = random.Random(0)
+        with torch.no_grad():
+            value = sum(float(distillation_loss(run.student, run.teacher, batch, "first", rng))
+                        for _ in range(6)) / 6  # fmt: skip
+        run.student.train()
+        return value
+
+    before = fixed_loss()
+    for _ in range(20):
+        run.train_step(raw)
+    after = fixed_loss()
+    print(f"\ndistillation loss on a fixed batch: {before:.4f} -> {after:.4f}")
+    assert after < 0.8 * before
