@@ -489,3 +489,44 @@ def test_distillation_from_a_lora_teacher_lowers_the_distillation_loss(
     after = fixed_loss()
     print(f"\ndistillation loss on a fixed batch: {before:.4f} -> {after:.4f}")
     assert after < 0.8 * before
+
+
+# ---------------------------------------------------------------- diagnostic flags
+
+
+def test_inf_check_names_the_first_module_with_a_non_finite_output(caplog):
+    import logging
+
+    from zipvoice.utils.hooks import register_inf_check_hooks
+
+    class Blowup(torch.nn.Module):
+        def forward(self, x):
+            return x / 0.0
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), Blowup(), torch.nn.Linear(2, 2))
+    register_inf_check_hooks(model)
+    with caplog.at_level(logging.WARNING, logger="zipvoice.train"):
+        model(torch.ones(1, 2)).sum().backward()
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned[0] == "inf-check: 1 produced a non-finite output"
+    assert not any("inf-check: 0 " in w for w in warned)  # the Linear before it is fine
+    assert any("gradient of 0.weight is not finite" in w for w in warned)
+
+
+def test_diagnostic_flags_in_a_training_run(japanese_fbank_manifests, tmp_path, caplog):
+    """--scan-oom runs the pessimistic batches first; --print-diagnostics prints per-module
+    statistics after 6 batches and stops without a final save; --inf-check stays quiet on a
+    healthy run."""
+    import logging
+
+    config = user_config(japanese_fbank_manifests, tmp_path, num_iters=10, save_every_n=0,
+                         valid_interval=0, max_duration=3, print_diagnostics=True,
+                         scan_oom=True, inf_check=True)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="zipvoice.train"):
+        run_training(config)
+    text = caplog.text
+    assert "scan-oom: batch with the largest" in text and "fits" in text
+    assert "diagnostics over 6 batches" in text and "grad_rms" in text
+    assert "fm_decoder" in text.split("diagnostics over 6 batches", 1)[1]
+    assert "inf-check" not in text
+    assert not (tmp_path / "adapter").exists()
