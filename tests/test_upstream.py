@@ -530,3 +530,19 @@ def test_diagnostic_flags_in_a_training_run(japanese_fbank_manifests, tmp_path, 
     assert "fm_decoder" in text.split("diagnostics over 6 batches", 1)[1]
     assert "inf-check" not in text
     assert not (tmp_path / "adapter").exists()
+
+
+def test_full_fine_tuning_ends_with_the_averaged_model(japanese_fbank_manifests, tmp_path):
+    config = user_config(
+        japanese_fbank_manifests, tmp_path, use_lora=False, optimizer="scaledadam",
+        base_lr=0.02, num_iters=3, save_every_n=1, valid_interval=0, average_period=1, avg=2,
+        keep_last_k=5, use_fp16=False,
+    )  # fmt: skip
+    run_training(config)
+    step2 = torch.load(tmp_path / "checkpoint-2.pt", weights_only=True)["model"]
+    step3 = torch.load(tmp_path / "checkpoint-3.pt", weights_only=True)["model"]
+    final = torch.load(tmp_path / "finetuned" / "model.pt", weights_only=True)["model"]
+    moved = [k for k in step3 if not torch.equal(step2[k], step3[k])]
+    assert moved
+    for key in moved:
+        assert torch.allclose(final[key], (step2[key] + step3[key]) / 2, atol=1e-6), key
