@@ -25,6 +25,8 @@ resident set, weights and the averaged copy included.
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import sys
 import tempfile
 import time
@@ -39,16 +41,22 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     AUTOCAST_DTYPES,
+    CHECKOUT,
     MIB,
     RELEASED_VOCAB_SIZE,
     PeakMemory,
+    check_code_root,
     describe_machine,
     emit_result,
+    export_revision,
     format_table,
+    import_first,
+    lockstep_wait,
     median,
     release_freed_memory,
     released_model_config,
     resolve_device,
+    run_lockstep,
     run_worker,
     synchronize,
 )
@@ -58,6 +66,7 @@ DEFAULT_METHODS = ("full",) + tuple(
     f"{kind}:{preset}" for preset in PRESET_NAMES for kind in ("lora", "dora")
 )
 PAD_ID = 0
+TRAINER_MODULES = ("zipvoice.utils.trainer", "zipvoice.training.trainer", "zipvoice.training")
 
 
 def parse_method(method: str) -> tuple[bool, bool, str]:
@@ -70,10 +79,9 @@ def parse_method(method: str) -> tuple[bool, bool, str]:
     return True, kind == "dora", preset
 
 
-def trainer_config(method: str, checkpoint: Path, cli: argparse.Namespace) -> TrainingConfig:
-    """The training command's configuration for this method (its defaults elsewhere)."""
-    from zipvoice.training.config import TrainingConfig
-
+def trainer_args(method: str, checkpoint: Path, cli: argparse.Namespace) -> argparse.Namespace:
+    """The training command's own parsed flags for this method (its defaults elsewhere)."""
+    get_parser = import_first("get_parser", "zipvoice.bin.train_zipvoice")
     use_lora, use_dora, preset = parse_method(method)
     return TrainingConfig().replace(
         checkpoint=str(checkpoint),
@@ -91,8 +99,7 @@ def trainer_config(method: str, checkpoint: Path, cli: argparse.Namespace) -> Tr
 
 
 def synthetic_batch(cli: argparse.Namespace, feat_dim: int, device: torch.device):
-    from zipvoice.training.steps import Batch
-
+    Batch = import_first("Batch", *TRAINER_MODULES)  # noqa: N806
     generator = torch.Generator().manual_seed(1234)
     tokens = torch.randint(1, cli.vocab_size, (cli.batch_size, cli.tokens), generator=generator)
     # Scaled fbank features (the trainer multiplies by --feat-scale 0.1) of equal length.
@@ -103,21 +110,31 @@ def synthetic_batch(cli: argparse.Namespace, feat_dim: int, device: torch.device
 
 def worker(cli: argparse.Namespace) -> None:
     """One method in this process: set up as the trainer does, run steps, report."""
-    from zipvoice.models.modules.lora_utils import count_parameters
-    from zipvoice.training.checkpoints import update_average
-    from zipvoice.training.model_setup import setup_model
-    from zipvoice.training.optimizer import build_optimizer
-    from zipvoice.training.steps import (
+    check_code_root(cli.code_root)
+    count_parameters = import_first("count_parameters", "zipvoice.models.modules.lora_utils")
+    names = (
+        "_update_average",
+        "adjusted_batch_count",
+        "backward_and_step",
+        "build_optimizer",
+        "flow_matching_loss",
+        "set_batch_count",
+        "setup_model",
+    )
+    (
+        _update_average,
         adjusted_batch_count,
         backward_and_step,
         flow_matching_loss,
         set_batch_count,
-    )
+        setup_model,
+    ) = (import_first(name, *TRAINER_MODULES) for name in names)
 
     device = resolve_device(cli.device)
     if cli.threads:
         torch.set_num_threads(cli.threads)
     torch.manual_seed(0)
+    random.seed(0)  # layer skipping and the shapers draw from Python's generator
     config, _ = released_model_config(cli.model_config)
     training = trainer_config(cli.worker, cli.checkpoint, cli)
     setup = setup_model(training, cli.vocab_size, PAD_ID, config)
@@ -144,6 +161,8 @@ def worker(cli: argparse.Namespace) -> None:
     step_seconds: list[float] = []
     losses: list[float] = []
     for step in range(cli.warmup + cli.steps):
+        if step >= cli.warmup:
+            lockstep_wait(cli.lockstep)
         synchronize(device)
         start = time.perf_counter()
         count = adjusted_batch_count(
@@ -229,9 +248,20 @@ def main() -> None:
     parser.add_argument("--model-config", type=Path, default=None, help="default: released")
     parser.add_argument("--vocab-size", type=int, default=RELEASED_VOCAB_SIZE)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REF",
+        help="also run git revision REF's code side by side (interleaved) and print ratios",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --baseline: worker processes per revision"
+    )
     parser.add_argument("--checkpoint", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     cli = parser.parse_args()
-    for name in ("batch_size", "frames", "tokens", "steps", "rank"):
+    for name in ("batch_size", "frames", "tokens", "steps", "rank", "rounds"):
         if getattr(cli, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if cli.warmup < 0:
@@ -260,60 +290,112 @@ def main() -> None:
     if cli.model_config is not None:
         forwarded.append(f"--model-config={cli.model_config}")
 
-    results = []
     with tempfile.TemporaryDirectory(prefix="zipvoice-bench-") as tmp:
         checkpoint = Path(tmp) / "model.pt"
         write_random_checkpoint(checkpoint, config, cli.vocab_size)
-        for method in methods:
-            print(f"running {method} ...", file=sys.stderr, flush=True)
-            argv = [*forwarded, f"--worker={method}", f"--checkpoint={checkpoint}"]
-            results.append(run_worker(Path(__file__), argv, method))
+        revisions = {"current": CHECKOUT}
+        if cli.baseline is not None:
+            revisions[cli.baseline] = Path(tmp) / "baseline"
+            export_revision(cli.baseline, revisions[cli.baseline])
+        argv = [*forwarded, f"--checkpoint={checkpoint}"]
+        results = run_all(cli, methods, argv, revisions)
 
     reference = next((r for r in results if r["method"] == "full"), results[0])
-    ref_step = median(reference["step_seconds"])
     print(
         f"train step: {config_source}, {reference['total']:,} parameters, batch "
         f"{cli.batch_size} x {cli.frames} frames x {cli.tokens} tokens, {cli.dtype}, "
-        f"median of {cli.steps} steps after {cli.warmup} warm-up; {results[0]['machine']}"
+        f"median of {cli.steps} steps x {cli.rounds} process(es) after {cli.warmup} warm-up; "
+        f"{results[0]['machine']}; load average at the start {os.getloadavg()[0]:.2f}"
     )
     print(
         f"memory: {results[0]['memory_label']} during the steps"
         + (" (whole process: reset refused)" if results[0]["whole_process_peak"] else "")
-        + f"; ratios to {reference['method']}"
     )
-    headers = [
-        "method",
-        "optimizer",
-        "trainable params",
-        "% trainable",
-        "step s",
-        "step ratio",
-        "avg-model update s",
-        "before MiB",
-        "peak MiB",
-        "peak ratio",
-    ]
-    rows = []
-    for r in results:
-        step = median(r["step_seconds"])
-        rows.append(
-            [
-                r["method"],
-                r["optimizer"],
-                f"{r['trainable']:,}",
-                f"{100 * r['trainable'] / r['total']:.2f}",
-                f"{step:.3f}",
-                ratio(step, ref_step),
-                f"{r['average_seconds']:.3f}",
-                f"{r['before_bytes'] / MIB:.0f}",
-                f"{r['peak_bytes'] / MIB:.0f}",
-                ratio(r["peak_bytes"], reference["peak_bytes"]),
-            ]
-        )
-    print(format_table(headers, rows))
+    print_table(results, cli.baseline)
     print(
         f"avg-model update: the float64 running average, once every "
         f"{reference['average_period']} steps (not in step s)"
+    )
+
+
+def run_all(
+    cli: argparse.Namespace, methods: list[str], argv: list[str], revisions: dict[str, Path]
+) -> list[dict]:
+    """Every method under every revision. With a baseline the two revisions' workers run at
+    once and take their timed steps in turn (run_lockstep), over --rounds pairs of
+    processes; the steps of one (method, revision) are pooled, the peak is the largest."""
+    results = []
+    for method in methods:
+        pooled: dict[str, dict] = {}
+        for _ in range(cli.rounds if len(revisions) > 1 else 1):
+            print(f"running {method} ...", file=sys.stderr, flush=True)
+            worker_argv = [*argv, f"--worker={method}"]
+            if len(revisions) > 1:
+                round_results = run_lockstep(
+                    Path(__file__), worker_argv, revisions, cli.steps, method
+                )
+            else:
+                (label,) = revisions
+                round_results = {label: run_worker(Path(__file__), worker_argv, method)}
+            for label, result in round_results.items():
+                if label in pooled:
+                    pooled[label]["step_seconds"] += result["step_seconds"]
+                    pooled[label]["peak_bytes"] = max(
+                        pooled[label]["peak_bytes"], result["peak_bytes"]
+                    )
+                else:
+                    pooled[label] = dict(result, revision=label)
+        results.extend(pooled[label] for label in revisions if label in pooled)
+    return results
+
+
+def print_table(results: list[dict], baseline: str | None) -> None:
+    """One row per (method, revision); ratios to full fine-tuning under the same revision
+    and, with a baseline, to the same method under the baseline (steps and peak memory, and
+    the largest difference of the per-step losses, which share their random draws)."""
+    by_key = {(r["method"], r["revision"]): r for r in results}
+    headers = ["method", "revision", "optimizer", "trainable params", "% trainable"]
+    headers += ["median s", "best s"]
+    headers += ["step ratio"]
+    if baseline is not None:
+        headers += ["vs baseline", "peak vs baseline", "max |loss diff|"]
+    headers += ["avg-model update s", "before MiB", "peak MiB", "peak ratio"]
+    rows = []
+    for r in results:
+        step = min(r["step_seconds"])
+        reference = by_key.get(("full", r["revision"]), r)
+        row = [
+            r["method"],
+            r["revision"],
+            r["optimizer"],
+            f"{r['trainable']:,}",
+            f"{100 * r['trainable'] / r['total']:.2f}",
+            f"{median(r['step_seconds']):.3f}",
+            f"{step:.3f}",
+            ratio(step, min(reference["step_seconds"])),
+        ]
+        if baseline is not None:
+            base = by_key.get((r["method"], baseline))
+            if base is None:
+                row += ["-", "-", "-"]
+            else:
+                diffs = [abs(a - b) for a, b in zip(r["losses"], base["losses"], strict=False)]
+                row += [
+                    ratio(step, min(base["step_seconds"])),
+                    ratio(r["peak_bytes"], base["peak_bytes"]),
+                    f"{max(diffs, default=0.0):.1e}",
+                ]
+        row += [
+            f"{r['average_seconds']:.3f}",
+            f"{r['before_bytes'] / MIB:.0f}",
+            f"{r['peak_bytes'] / MIB:.0f}",
+            ratio(r["peak_bytes"], reference["peak_bytes"]),
+        ]
+        rows.append(row)
+    print(format_table(headers, rows))
+    print(
+        "ratios from the best step (the least disturbed by other load); step ratio / peak "
+        "ratio: to full fine-tuning under the same revision"
     )
 
 

@@ -546,3 +546,29 @@ def test_full_fine_tuning_ends_with_the_averaged_model(japanese_fbank_manifests,
     assert moved
     for key in moved:
         assert torch.allclose(final[key], (step2[key] + step3[key]) / 2, atol=1e-6), key
+
+
+def test_upstream_checkpoints_with_paths_load_and_average_but_code_is_refused(tmp_path):
+    import os as os_module
+
+    weights = upstream_run(tmp_path / "exp")
+    for step in (10, 20, 30):  # upstream stores exp_dir as a PosixPath
+        path = tmp_path / "exp" / f"checkpoint-{step}.pt"
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["exp_dir"] = Path("exp/zipvoice")
+        torch.save(checkpoint, path)
+    rest = upstream_ckpt.load_checkpoint(tmp_path / "exp" / "checkpoint-30.pt", tiny_model())
+    assert rest["exp_dir"] == Path("exp/zipvoice")
+    average_main(["--iter", "30", "--avg", "2", "--exp-dir", str(tmp_path / "exp")])
+    averaged = torch.load(tmp_path / "exp" / "iter-30-avg-2.pt", weights_only=True)["model"]
+    for key, value in mean_of(weights[1:]).items():
+        assert torch.allclose(averaged[key].double(), value, atol=1e-5), key
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os_module.system, ("true",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": RunsCode()}, evil)
+    with pytest.raises(upstream_ckpt.CheckpointError, match="refused"):
+        upstream_ckpt.load_checkpoint(evil)

@@ -220,13 +220,14 @@ fetch_from_hub() {
     return 0
   fi
   log "downloading $filename from $repo into $dest_root"
+  # zipvoice.utils.hub: no retries for a minute when offline, one message naming the file.
   "$python" -c 'import sys
-from huggingface_hub import hf_hub_download
+from zipvoice.utils.hub import hub_file
 try:
-    hf_hub_download(repo_id=sys.argv[1], filename=sys.argv[2], local_dir=sys.argv[3])
-except Exception as err:
-    sys.exit(f"{type(err).__name__}: {err}")' \
-    "$repo" "$filename" "$dest_root" ||
+    hub_file(sys.argv[1], sys.argv[2], instead=f"place it at {sys.argv[4]}", local_dir=sys.argv[3])
+except (OSError, ValueError) as err:
+    sys.exit(f"error: {err}")' \
+    "$repo" "$filename" "$dest_root" "$dest" ||
     die "download of $repo/$filename failed; without a network, place the file at $dest"
 }
 

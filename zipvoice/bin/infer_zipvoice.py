@@ -28,6 +28,7 @@ from zipvoice.inference.flags import (
 )
 from zipvoice.inference.torch_backend import model_kind, torch_sampler, torch_vocoder
 from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging
+from zipvoice.utils.validate import resolve_device
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,10 @@ def get_parser() -> argparse.ArgumentParser:
         parser, merge_lora_help="Merge the adapter into the weights (no extra inference cost)."
     )
     parser.add_argument(
-        "--vocoder-path", default=None, help="Vocos folder (config.yaml + weights); hub if omitted."
+        "--vocoder-path",
+        default=None,
+        help="Vocos folder (config.yaml + pytorch_model.bin); downloaded from the hub if omitted; "
+        "'griffin-lim' needs no download (offline, lower quality).",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ...; default: best found.")
     add_generation_arguments(parser)
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     check_io_arguments(args)
     torch.set_num_threads(args.num_thread)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, token_file, meta = load_model_from_args(args)
     model.to(device)
     resolve_sampling_defaults(args, model_kind(model))

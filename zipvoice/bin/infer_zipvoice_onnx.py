@@ -38,7 +38,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--vocoder-path",
         default=None,
-        help="Vocos folder, used when the export has no vocoder.onnx.",
+        help="Vocos folder, used when the export has no vocoder.onnx ('griffin-lim' needs no "
+        "download).",
     )
     add_generation_arguments(parser)
     return parser

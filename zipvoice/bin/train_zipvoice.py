@@ -30,6 +30,7 @@ from zipvoice.training.config import (
     LR_SCHEDULES,
     OPTIMIZERS,
     AdapterConfig,
+    EvalConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
@@ -37,6 +38,7 @@ from zipvoice.training.config import (
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
 
 MODEL, LORA, OPTIM, RUN = ModelConfig(), AdapterConfig().lora, OptimConfig(), RunConfig()
+EVAL = EvalConfig()
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +170,33 @@ def _add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
     # fmt: on
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "evaluation",
+        "Synthesise and score a few sentences at each validation (docs/lora.md).",
+    )
+    add = group.add_argument
+    # fmt: off
+    add("--eval-list", type=str, default=EVAL.eval_list,
+        help="TSV name<TAB>prompt_text<TAB>prompt_wav<TAB>text (the inference list; include "
+        "speakers not in the training set): synthesised at each validation, written to "
+        "exp-dir/eval/step-N/ and scored; off when not given")
+    add("--eval-num-step", type=int, default=EVAL.eval_num_step,
+        help="sampling steps for the eval list")
+    add("--eval-guidance-scale", type=float, default=EVAL.eval_guidance_scale,
+        help="guidance scale for the eval list (None: 1.0, distill 3.0, as inference)")
+    add("--eval-vocoder", type=str, default=EVAL.eval_vocoder,
+        help="'griffin-lim' (offline, no weights), a Vocos folder (config.yaml + weights), or "
+        "a hub repo id such as charactr/vocos-mel-24khz (downloaded once)")
+    add("--eval-ref-dir", type=str, default=EVAL.eval_ref_dir,
+        help="folder of ground-truth recordings NAME.wav of the eval texts: adds F0 match "
+        "(f0_corr, f0_rmse, vuv_error)")
+    add("--eval-metrics", type=str, default=EVAL.eval_metrics,
+        help="comma-separated offline metrics (zipvoice.eval.registry), or auto: sim and "
+        "dnsmos, accent_probe on probe sentences, F0 match with --eval-ref-dir")
+    # fmt: on
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -178,6 +207,7 @@ def get_parser() -> argparse.ArgumentParser:
     _add_adapter_arguments(parser)
     _add_optim_arguments(parser)
     _add_run_arguments(parser)
+    _add_eval_arguments(parser)
     _add_upstream_arguments(parser)
     return parser
 

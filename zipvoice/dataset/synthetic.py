@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zipvoice.utils.fileio import atomic_write_text
+from zipvoice.utils.validate import read_text_lines
 
 SAMPLING_RATE = 24000
 
@@ -102,7 +103,7 @@ def load_sentences(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"sentence list not found: {path}")
     sentences = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for _, line in read_text_lines(path, what="sentence list"):  # BOM, encodings named
         line = line.strip()
         if line and not line.startswith("#"):
             sentences.append(line)

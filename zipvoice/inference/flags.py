@@ -21,6 +21,13 @@ from zipvoice.inference.generation import (
 from zipvoice.inference.torch_backend import load_model_for_inference
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.utils.cli import str2bool
+from zipvoice.utils.validate import (
+    assert_not_input,
+    finite_float,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -> None:
@@ -40,7 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -
     )
     parser.add_argument(
         "--lora-scale",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="Adapter strength: 0 = base model, 1 = as trained.",
     )
@@ -88,34 +95,40 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         default=None,
         help="Classifier-free guidance scale; default 1.0, distill 3.0.",
     )
     parser.add_argument(
-        "--num-step", type=int, default=None, help="Sampling steps; default 16, distill 8."
+        "--num-step", type=positive_int, default=None, help="Sampling steps; default 16, distill 8."
     )
     parser.add_argument(
         "--feat-scale",
-        type=float,
+        type=positive_float,
         default=0.1,
         help="Scale of the log-mel features the model sees.",
     )
-    parser.add_argument("--speed", type=float, default=1.0, help="Speech speed; > 1 speeds up.")
     parser.add_argument(
-        "--t-shift", type=float, default=0.5, help="Shift the time points to smaller t if < 1."
+        "--speed", type=positive_float, default=1.0, help="Speech speed; > 1 speeds up."
+    )
+    parser.add_argument(
+        "--t-shift",
+        type=positive_float,
+        default=0.5,
+        help="Shift the time points to smaller t if < 1.",
     )
     parser.add_argument(
         "--target-rms",
-        type=float,
+        type=non_negative_float,
         default=0.1,
-        help="Raise quieter prompts to this RMS (0 disables).",
+        help="Raise quieter prompts to this RMS; the output comes at this RMS (a quieter "
+        "prompt's own level), peak-limited, never clipped (0: no level change).",
     )
     parser.add_argument("--seed", type=int, default=666, help="Random seed.")
-    parser.add_argument("--num-thread", type=int, default=1, help="CPU threads.")
+    parser.add_argument("--num-thread", type=positive_int, default=1, help="CPU threads.")
     parser.add_argument(
         "--max-duration",
-        type=float,
+        type=positive_float,
         default=100.0,
         help="Seconds of prompt + speech per batch of chunks.",
     )
@@ -138,6 +151,7 @@ def check_io_arguments(args: argparse.Namespace) -> None:
         raise InferenceError(
             "give --prompt-wav, --prompt-text and --text (or --test-list for many sentences)"
         )
+    assert_not_input(args.res_wav_path, {"--prompt-wav": args.prompt_wav}, "--res-wav-path")
     for name in ("num_step", "num_thread"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

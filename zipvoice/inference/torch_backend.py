@@ -97,6 +97,10 @@ def load_model_for_inference(
         )
         if token_file is not None:
             token_path = Path(token_file)
+    from zipvoice.tokenizer.token_file import check_tokens_fit_embedding
+
+    source = lora_path if lora_path is not None else checkpoint_path
+    check_tokens_fit_embedding(token_path, int(model.embed.weight.shape[0]), source)
     model.eval()
     return model, token_path, meta
 

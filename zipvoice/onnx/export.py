@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from zipvoice.models.modules.lora_utils import is_lora_model
 from zipvoice.models.zipvoice import get_tokens_index
+from zipvoice.utils.cli import quiet_info_logs
 from zipvoice.utils.fileio import atomic_copy, atomic_write
 from zipvoice.utils.manifest import write_manifest
 
@@ -263,12 +264,13 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     dst = Path(dst)
 
     def write(tmp: Path) -> None:
-        quantize_dynamic(
-            model_input=str(src),
-            model_output=str(tmp),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            weight_type=QuantType.QInt8,
-        )
+        with quiet_info_logs("onnxruntime"):  # one INFO line per tensor otherwise
+            quantize_dynamic(
+                model_input=str(src),
+                model_output=str(tmp),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                weight_type=QuantType.QInt8,
+            )
         add_metadata(tmp, {**read_metadata(src), "quantization": "int8-dynamic"})
 
     atomic_write(dst, write)

@@ -358,6 +358,6 @@ def save_full_model(
 
 def write_run_manifest(exp_dir: Path, base_fingerprint: str) -> None:
     """The exp-dir's manifest: its checkpoints, model.json and tokens.txt (docs/integrity.md)."""
-    run_files = [path for _, path in list_checkpoints(exp_dir)]
-    run_files += [exp_dir / "model.json", exp_dir / "tokens.txt"]
+    run_files = [path.name for _, path in list_checkpoints(exp_dir)]
+    run_files += ["model.json", "tokens.txt"]
     write_manifest(exp_dir, "exp-dir", base_fingerprint=base_fingerprint, files=run_files)

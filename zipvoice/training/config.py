@@ -1,4 +1,5 @@
-"""The typed configuration of a training run, grouped as data / model / adapter / optim / run.
+"""The typed configuration of a training run, grouped as data / model / adapter / optim / run /
+eval.
 
 `zipvoice.bin.train_zipvoice` fills it from flags (`TrainingConfig.from_flags`); a recipe, test
 or notebook builds it directly:
@@ -122,7 +123,50 @@ class RunConfig:
     avg: int = 2
 
 
-GROUPS = ("data", "model", "adapter", "optim", "run")
+@dataclass(frozen=True)
+class EvalConfig:
+    """Listening to the run: `eval_list` (the inference test-list format) is synthesised with
+    the current weights at each validation and scored (zipvoice.training.eval_hook)."""
+
+    eval_list: str | None = None
+    eval_num_step: int = 16
+    eval_guidance_scale: float | None = None
+    eval_vocoder: str = "griffin-lim"
+    eval_ref_dir: str | None = None
+    eval_metrics: str = "auto"
+
+    def validate(self) -> None:
+        """Flag values, the list and its prompt files, before any model is read (a typo must
+        not surface at the first validation, hours into the run)."""
+        if not self.eval_list:
+            return
+        import math
+
+        from zipvoice.eval.registry import METRICS, parse_metrics
+        from zipvoice.eval.utils import read_test_list
+
+        if self.eval_num_step < 1:
+            raise ValueError(f"--eval-num-step must be at least 1, got {self.eval_num_step}")
+        scale = self.eval_guidance_scale
+        if scale is not None and not math.isfinite(scale):
+            raise ValueError(f"--eval-guidance-scale must be a finite number, got {scale}")
+        if self.eval_ref_dir and not Path(self.eval_ref_dir).is_dir():
+            raise FileNotFoundError(f"--eval-ref-dir {self.eval_ref_dir} is not a folder")
+        for item in read_test_list(self.eval_list):
+            if not item.prompt_wav.is_file():
+                raise FileNotFoundError(
+                    f"--eval-list {self.eval_list}: prompt wav {item.prompt_wav} of "
+                    f"{item.name!r} not found"
+                )
+        if self.eval_metrics != "auto":
+            for name in parse_metrics(self.eval_metrics):
+                if not METRICS[name].offline:
+                    raise ValueError(f"--eval-metrics: {name} needs downloaded models")
+                if METRICS[name].module.endswith(".f0_match") and not self.eval_ref_dir:
+                    raise ValueError(f"--eval-metrics: {name} needs --eval-ref-dir")
+
+
+GROUPS = ("data", "model", "adapter", "optim", "run", "eval")
 
 
 @dataclass(frozen=True)
@@ -132,6 +176,7 @@ class TrainingConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ------------------------------------------------------------------ derived values
 
@@ -245,6 +290,7 @@ class TrainingConfig:
         if forgetting and not Path(forgetting).is_file():
             raise FileNotFoundError(f"--forgetting-manifest {forgetting} not found")
         self._validate_files()
+        self.eval.validate()
         return self
 
     def _validate_files(self) -> None:
@@ -261,7 +307,9 @@ class TrainingConfig:
 
 def _group_of(key: str) -> str | None:
     for name, group_cls in zip(
-        GROUPS, (DataConfig, ModelConfig, AdapterConfig, OptimConfig, RunConfig), strict=True
+        GROUPS,
+        (DataConfig, ModelConfig, AdapterConfig, OptimConfig, RunConfig, EvalConfig),
+        strict=True,
     ):
         if key in {f.name for f in dataclasses.fields(group_cls)} and key != "lora":
             return name

@@ -50,6 +50,7 @@ from zipvoice.training.distributed import (
     teardown_distributed,
     unwrap_ddp,
 )
+from zipvoice.training.eval_hook import make_eval_hook, validation_scores
 from zipvoice.training.experiment_log import (
     ExperimentLog,
     format_eta,
@@ -111,6 +112,7 @@ class Trainer:
         self.state = ckpt.TrainState()
         self.last_loss = float("nan")
         self.experiment: ExperimentLog | None = None
+        self.eval_scores: dict[str, float] = {}  # {metric: mean} of the last --eval-list run
 
     # ------------------------------------------------------------------ running
 
@@ -180,6 +182,9 @@ class Trainer:
         self._setup_optimizer(checkpoint)
         self._setup_data(checkpoint)
         self._setup_outputs()
+        self.eval_hook = make_eval_hook(
+            self.config, self.exp_dir, rank, self.tokenizer, device, self.experiment
+        )
         from zipvoice.training.diagnostics import attach_diagnostics
 
         self.callbacks += attach_diagnostics(self)
@@ -213,8 +218,9 @@ class Trainer:
             trainable=self.trainable,
         )
         self.model: nn.Module = self.setup_result.model
+        adapter = self.config.adapter
         self.param_counts = log_model_summary(
-            self.model, self.setup_result, self.config.adapter.use_lora
+            self.model, self.setup_result, adapter.use_lora, adapter.lora.use_dora
         )
         self.identity = ckpt.run_identity(
             config, self.setup_result.base_fingerprint, self.setup_result.lora_targets,
@@ -475,7 +481,8 @@ class Trainer:
     # ------------------------------------------------------------------ validate and save
 
     def validate(self) -> dict[str, float]:
-        """Deterministic dev loss (and forgetting-set loss); logged, passed to callbacks."""
+        """Deterministic dev loss (and forgetting-set loss), and with --eval-list the eval
+        scores as eval/<metric>; logged, passed to callbacks."""
         values = {"valid/loss": self._dev_loss(self.dev_dl)}
         self.state.best_valid_loss = min(self.state.best_valid_loss, values["valid/loss"])
         message = f"step {self.state.step}: validation loss {values['valid/loss']:.5f}"
@@ -483,6 +490,10 @@ class Trainer:
             values["valid/forgetting_loss"] = self._dev_loss(self.forgetting_dl)
             message += f", forgetting-set loss {values['valid/forgetting_loss']:.5f}"
         logger.info(message)
+        if self.config.eval.eval_list:  # zipvoice.training.eval_hook: rank 0 synthesises
+            raw, step = unwrap_ddp(self.model), self.state.step
+            self.eval_scores = validation_scores(self.eval_hook, raw, step, self.world_size)
+            values.update({f"eval/{name}": mean for name, mean in self.eval_scores.items()})
         if is_main(self.rank):
             self.experiment.scalars(values, self.state.step)
         for callback in self.callbacks:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -27,6 +29,7 @@ from zipvoice.models.modules.lora_config import (
     LoraSettings,
     init_mutates_base,
 )
+from zipvoice.utils.validate import ValidationError, check_fits_in_memory
 
 FM_DECODER_PREFIX = "fm_decoder."
 
@@ -78,21 +81,24 @@ def _linear_names(decoder: nn.Module) -> list[str]:
 def get_lora_target_modules(model: nn.Module, preset: str = "attention") -> list[str]:
     """Full decoder-relative names of the nn.Linear modules that get adapters.
 
-    `preset` is one of PRESETS, or a comma-separated list of suffixes ("self_attn1.in_proj") or
-    full names ("encoders.0.layers.0.self_attn1.in_proj", "fm_decoder." prefix allowed). Every
-    entry must select at least one nn.Linear, so that a typo fails instead of training nothing.
+    `preset` is a comma-separated list whose entries are preset names (PRESETS), suffixes
+    ("self_attn1.in_proj") or full names ("encoders.0.layers.0.self_attn1.in_proj",
+    "fm_decoder." prefix allowed); the union is adapted ("attention,feed_forward1.in_proj").
+    Every entry must select at least one nn.Linear, so that a typo fails instead of training
+    nothing.
     """
     linear_names = _linear_names(unwrap_decoder(model))
     if not linear_names:
         raise ValueError("the decoder has no nn.Linear modules to adapt")
-    if preset in PRESETS:
-        suffixes = PRESETS[preset]
-        if suffixes is None:
-            return linear_names
-    else:
-        suffixes = tuple(s.strip() for s in preset.split(",") if s.strip())
-        if not suffixes:
-            raise ValueError(f"empty LoRA target list {preset!r}")
+    entries = [entry.strip() for entry in preset.split(",") if entry.strip()]
+    if not entries:
+        raise ValueError(f"empty LoRA target list {preset!r}")
+    if any(PRESETS.get(entry, ()) is None for entry in entries):
+        return linear_names  # all_linear among them: the union is everything
+    suffixes: list[str] = []
+    for entry in entries:
+        preset_suffixes = PRESETS.get(entry)
+        suffixes.extend(preset_suffixes if preset_suffixes is not None else [entry])
     all_module_names = {name for name, _ in unwrap_decoder(model).named_modules()}
     selected: list[str] = []
     for raw in suffixes:
@@ -164,6 +170,16 @@ def peft_config_from_settings(settings: LoraSettings, target_modules: list[str])
         init=settings.init,
         use_rslora=settings.use_rslora,
     )
+
+
+def lora_init_name(init_lora_weights: bool | str) -> str:
+    """The `--lora-init` name of a LoraConfig's init_lora_weights (PEFT spells the default
+    initialisation True, and False means B random too, no longer an identity start)."""
+    if init_lora_weights is True:
+        return "default"
+    if init_lora_weights is False:
+        return "random"
+    return str(init_lora_weights)
 
 
 def mutates_base_weights(config: LoraConfig) -> bool:
@@ -252,3 +268,25 @@ def log_parameter_counts(model: nn.Module, logger: logging.Logger | None = None)
         f"{total:,}",
         100.0 * trainable / max(total, 1),
     )
+
+
+def lora_bytes(linear_shapes: Iterable[tuple[int, int]], rank: int, copies: int = 4) -> int:
+    """Bytes of float32 LoRA matrices A (rank x in) and B (out x rank) over (out, in) shapes,
+    times `copies` (weights, gradients, two AdamW moments)."""
+    return 4 * copies * sum(rank * (d_in + d_out) for d_out, d_in in linear_shapes)
+
+
+def check_lora_rank(model: Any, target_modules: Iterable[str], rank: int) -> None:
+    """Refuse a `--lora-rank` whose adapters (with their gradients and AdamW state) would not
+    fit, before PEFT allocates them; also a rank above the layers' sizes (no low rank left)."""
+    modules = dict(unwrap_decoder(model).named_modules())
+    shapes = [tuple(modules[name].weight.shape) for name in target_modules]
+    if not shapes:
+        return
+    smallest = min(min(shape) for shape in shapes)
+    if rank > smallest:
+        raise ValidationError(
+            f"--lora-rank {rank} is larger than the smallest adapted layer ({smallest}); "
+            "a low-rank adapter needs rank below the layer sizes"
+        )
+    check_fits_in_memory(lora_bytes(shapes, rank), f"--lora-rank {rank} on {len(shapes)} layers")
