@@ -151,7 +151,9 @@ def test_prepare_tokens_and_compute_fbank_bad_inputs(japanese_fbank_manifests, t
     raw_dir = japanese_fbank_manifests["raw_manifest_dir"]
     out = tmp_path / "cuts.jsonl.gz"
     msg = exit_message(
-        lambda: prepare_tokens.main(["--input-file", str(tmp_path), "--output-file", str(out)]),
+        lambda: prepare_tokens.main(
+            ["--input-file", str(tmp_path), "--output-file", str(out), "--tokenizer", "japanese"]
+        ),
         capsys,
     )
     assert str(tmp_path) in msg
@@ -165,7 +167,8 @@ def test_prepare_tokens_and_compute_fbank_bad_inputs(japanese_fbank_manifests, t
     CutSet.from_cuts([first, *list(cuts)[1:]]).to_file(bad_input)
     text = exit_message(
         lambda: prepare_tokens.main(
-            ["--input-file", str(bad_input), "--output-file", str(out), "--num-jobs", "1"]
+            ["--input-file", str(bad_input), "--output-file", str(out), "--num-jobs", "1",
+             "--tokenizer", "japanese"]  # fmt: skip
         ),
         capsys,
     )

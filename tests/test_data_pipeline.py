@@ -186,7 +186,11 @@ def test_segments_and_other_sample_rates_are_resampled(japanese_corpus, tmp_path
     tsv = tmp_path / "rates.tsv"
     tsv.write_text(f"spk9_0000\t{text}\t{wav48}\nspk9_0001\t{text}\t{wav48}\t0.512\t1.512\n")
     prepare_dataset(tsv, prefix="rates", subset="raw", output_dir=tmp_path / "m")
-    prepare_tokens(tmp_path / "m/rates_cuts_raw.jsonl.gz", tmp_path / "m/rates_cuts_all.jsonl.gz")
+    prepare_tokens(
+        tmp_path / "m/rates_cuts_raw.jsonl.gz",
+        tmp_path / "m/rates_cuts_all.jsonl.gz",
+        tokenizer="japanese",
+    )
     out = compute_fbank(
         tmp_path / "m", tmp_path / "fb", prefix="rates", subset="all", progress=False
     )
@@ -204,6 +208,11 @@ def test_segments_and_other_sample_rates_are_resampled(japanese_corpus, tmp_path
         atol=0.1,
         rtol=0,
     )
+    # The same inputs again: finished work is skipped (upstream); other inputs are refused.
+    written = out.read_bytes()
+    assert compute_fbank(tmp_path / "m", tmp_path / "fb", prefix="rates", subset="all") == out
+    assert out.read_bytes() == written
+    CutSet.from_cuts([full]).to_file(tmp_path / "m/rates_cuts_all.jsonl.gz")
     with pytest.raises(FileExistsError, match="--overwrite"):
         compute_fbank(tmp_path / "m", tmp_path / "fb", prefix="rates", subset="all")
     with pytest.raises(ValueError, match="24000 Hz"):

@@ -20,11 +20,12 @@ Cuts that are not at 24 kHz are resampled first. Training can skip this step wit
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from zipvoice.dataset.fbank import FEATURE_TYPES, compute_fbank
-from zipvoice.utils.cli import exit_on_error, setup_logging
+from zipvoice.dataset.fbank import FEATURE_TYPES, compute_fbank, compute_fbank_split
+from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,17 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--type", choices=FEATURE_TYPES, default="vocos", help="Feature type.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
+    parser.add_argument("--split-cuts", type=str2bool, default=False,
+                        help="Process upstream's split pieces {prefix}_cuts_{subset}.{i:08d}"
+                        ".jsonl.gz for i in [--split-begin, --split-end).")  # fmt: skip
+    parser.add_argument("--split-begin", type=int, default=None,
+                        help="First split piece (with --split-cuts 1).")  # fmt: skip
+    parser.add_argument("--split-end", type=int, default=None,
+                        help="One past the last split piece (with --split-cuts 1).")  # fmt: skip
+    parser.add_argument("--batch-duration", type=int, default=1000,
+                        help="Upstream's seconds of audio per batched GPU extraction; accepted, "
+                        "without effect: features are computed cut by cut in --num-jobs "
+                        "processes here.")  # fmt: skip
     return parser
 
 
@@ -61,16 +73,17 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
-    compute_fbank(
-        source_dir=args.source_dir,
-        dest_dir=args.dest_dir,
-        prefix=args.dataset,
-        subset=args.subset,
-        num_jobs=args.num_jobs,
-        sampling_rate=args.sampling_rate,
-        feature_type=args.type,
-        overwrite=args.overwrite,
-    )
+    common = dict(num_jobs=args.num_jobs, sampling_rate=args.sampling_rate,
+                  feature_type=args.type, overwrite=args.overwrite)  # fmt: skip
+    if args.batch_duration != 1000:
+        logging.info("--batch-duration has no effect here: features are computed per cut")
+    if args.split_cuts:
+        if args.split_begin is None or args.split_end is None:
+            raise ValueError("--split-cuts 1 needs --split-begin and --split-end")
+        compute_fbank_split(args.source_dir, args.dest_dir, args.dataset, args.subset,
+                            args.split_begin, args.split_end, **common)  # fmt: skip
+        return 0
+    compute_fbank(args.source_dir, args.dest_dir, args.dataset, args.subset, **common)
     return 0
 
 

@@ -38,7 +38,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-jobs", type=int, default=min(8, os.cpu_count() or 1), help="Tokeniser processes."
     )
-    parser.add_argument("--tokenizer", choices=TOKENIZER_NAMES, default="japanese")
+    parser.add_argument(
+        "--tokenizer",
+        choices=TOKENIZER_NAMES,
+        default="emilia",
+        help="Text front end (default emilia, as upstream; Japanese corpora pass japanese).",
+    )
     parser.add_argument(
         "--lang", type=str, default="en-us", help="espeak voice, for --tokenizer espeak."
     )

@@ -56,7 +56,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add("--distill", type=str2bool, default=MODEL.distill,
         help="the checkpoint is ZipVoice-Distill (trained with the flow-matching loss)")
     add("--finetune", type=str2bool, default=MODEL.finetune,
-        help="fine-tuning mode: schedules inside the model start at their final values")
+        help="fine-tuning mode, as upstream: ScaledAdam runs at a constant --base-lr (no Eden "
+        "warm-up or decay) and schedules inside the model start at their final values; AdamW "
+        "(adapters) keeps its warm-up + --lr-schedule")
     add("--train-text-encoder", type=str2bool, default=MODEL.train_text_encoder,
         help="also train the text encoder (with LoRA the embedding always trains)")
     add("--feat-scale", type=float, default=MODEL.feat_scale, help="features are multiplied by it")
@@ -93,7 +95,8 @@ def _add_optim_arguments(parser: argparse.ArgumentParser) -> None:
     add = group.add_argument
     # fmt: off
     add("--optimizer", type=str, default=OPTIM.optimizer, choices=OPTIMIZERS,
-        help="auto: AdamW for adapters, ScaledAdam + Eden for full training")
+        help="auto: AdamW + warm-up + cosine for adapters (this project's schedule); ScaledAdam "
+        "for full training, with upstream's schedules (constant with --finetune 1, else Eden)")
     add("--base-lr", type=float, default=OPTIM.base_lr,
         help="base learning rate (None: 1e-3 with AdamW, i.e. for adapters; 0.02 with "
         "ScaledAdam, i.e. full training as upstream)")
@@ -105,7 +108,8 @@ def _add_optim_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grad-clip", type=float, default=OPTIM.grad_clip,
         help="AdamW gradient-norm clipping (0: off); ScaledAdam clips on its own")
     add("--lr-batches", type=float, default=OPTIM.lr_batches, help="Eden: batches of lr decay")
-    add("--lr-epochs", type=float, default=OPTIM.lr_epochs, help="Eden: epochs of lr decay")
+    add("--lr-epochs", type=float, default=OPTIM.lr_epochs,
+        help="Eden: epochs of lr decay (stepped at each epoch's start; unused with --lr-hours)")
     add("--lr-hours", type=float, default=OPTIM.lr_hours,
         help="Eden: if > 0, hours of audio of lr decay (replaces --lr-epochs)")
     add("--average-period", type=int, default=OPTIM.average_period,
@@ -127,7 +131,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--start-epoch", type=int, default=RUN.start_epoch,
         help="kept for upstream compatibility; resuming is automatic (see --resume)")
     add("--valid-interval", type=int, default=RUN.valid_interval,
-        help="validate every this many steps (0: only at the end)")
+        help="validate every this many steps (-1: every --save-every-n steps, as upstream; "
+        "0: only at the end)")
     add("--save-every-n", type=int, default=RUN.save_every_n,
         help="write checkpoint-{step}.pt (and adapter-{step}/) every this many steps")
     add("--keep-last-k", type=int, default=RUN.keep_last_k, help="checkpoints kept on disk")
@@ -171,6 +176,28 @@ def _add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
     # fmt: on
 
 
+def _add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "upstream", "Upstream's diagnostics and averaging (docs/upstream.md)."
+    )
+    add = group.add_argument
+    # fmt: off
+    add("--valid-by-epoch", type=str2bool, default=RUN.valid_by_epoch,
+        help="validate at the start of every epoch instead of every --valid-interval steps")
+    add("--print-diagnostics", type=str2bool, default=RUN.print_diagnostics,
+        help="collect per-module statistics of activations and gradients over the first 6 "
+        "batches, print them and stop (nothing is saved)")
+    add("--scan-oom", type=str2bool, default=RUN.scan_oom,
+        help="before training, run forward+backward on the most demanding batches of epoch 1 "
+        "(longest, most frames, most tokens) to see whether they fit in memory")
+    add("--inf-check", type=str2bool, default=RUN.inf_check,
+        help="hooks that name every module whose output or gradient is not finite")
+    add("--avg", type=int, default=RUN.avg,
+        help="at the end, adapter/ (or finetuned/) holds the running average over the last AVG "
+        "save intervals, as generate_averaged_model --iter <last step> --avg AVG (0: last weights)")
+    # fmt: on
+
+
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "evaluation",
@@ -210,6 +237,7 @@ def get_parser() -> argparse.ArgumentParser:
     _add_run_arguments(parser)
     _add_forgetting_arguments(parser)
     _add_eval_arguments(parser)
+    _add_upstream_arguments(parser)
     return parser
 
 

@@ -181,6 +181,18 @@ class TtsDataModule:
         self.check_first_cut(cuts, self.train_manifest)
         return self.filter_by_duration(cuts, self.train_manifest)
 
+    def train_custom_cuts(self, manifest_file: str) -> CutSet:
+        """Upstream's name: the training cuts of `manifest_file` (checked, length-filtered)."""
+        cuts = CutSet.from_file(self._resolve(manifest_file, "--train-manifest"))
+        self.check_first_cut(cuts, str(manifest_file))
+        return self.filter_by_duration(cuts, str(manifest_file))
+
+    def dev_custom_cuts(self, manifest_file: str) -> CutSet:
+        """Upstream's name: the validation cuts of `manifest_file`."""
+        cuts = CutSet.from_file(self._resolve(manifest_file, "--dev-manifest"))
+        self.check_first_cut(cuts, str(manifest_file))
+        return cuts
+
     def dev_cuts(self) -> CutSet:
         args = self.args
         if args.dataset == "custom":

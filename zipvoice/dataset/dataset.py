@@ -53,8 +53,15 @@ class SpeechSynthesisDataset(torch.utils.data.Dataset):
         manifest: str | None = None,
         cut_transforms: Sequence[Callable[[CutSet], CutSet]] = (),
         feature_transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
+        return_text: bool = True,
+        return_tokens: bool = True,
+        return_spk_ids: bool = False,
     ) -> None:
+        """`return_text`, `return_tokens`, `return_spk_ids` are upstream's keywords: "text",
+        "tokens" (on by default here: the trainer reads them), "speakers" in the batch."""
         super().__init__()
+        self.return_text, self.return_tokens = return_text, return_tokens
+        self.return_spk_ids = return_spk_ids
         self.feature_input_strategy = (
             PrecomputedFeatures() if feature_input_strategy is None else feature_input_strategy
         )
@@ -125,12 +132,16 @@ class SpeechSynthesisDataset(torch.utils.data.Dataset):
         batch: dict[str, object] = {
             "features": features.float(),
             "features_lens": features_lens.long(),
-            "tokens": self._tokens(cut_list),
-            "text": [cut.supervisions[0].text for cut in cut_list],
             "cut_ids": [cut.id for cut in cut_list],
             # Which cuts are replay of the pretraining domain (zipvoice.dataset.replay).
             "replay": torch.tensor([is_replay_cut(cut) for cut in cut_list], dtype=torch.bool),
         }
+        if self.return_tokens:
+            batch["tokens"] = self._tokens(cut_list)
+        if self.return_text:
+            batch["text"] = [cut.supervisions[0].text for cut in cut_list]
+        if self.return_spk_ids:
+            batch["speakers"] = [cut.supervisions[0].speaker for cut in cut_list]
         if self.return_audio:
             audio, audio_lens = collate_audio(cuts)
             batch["audio"] = audio

@@ -84,6 +84,34 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+SPLIT_DIGITS = 8  # upstream's split pieces: {prefix}_cuts_{subset}.{index:08d}.jsonl.gz
+
+
+def compute_fbank_split(
+    source_dir: str | os.PathLike,
+    dest_dir: str | os.PathLike,
+    prefix: str,
+    subset: str,
+    split_begin: int,
+    split_end: int,
+    **kwargs: object,
+) -> list[Path]:
+    """Upstream's --split-cuts: the pieces `{prefix}_cuts_{subset}.{i:08d}.jsonl.gz` for i in
+    [split_begin, split_end), each as its own subset; missing pieces are skipped with a
+    warning, finished ones skipped (see zipvoice.dataset.finished)."""
+    if split_end < split_begin:
+        raise ValueError(f"--split-end {split_end} is before --split-begin {split_begin}")
+    written = []
+    for index in range(split_begin, split_end):
+        piece = f"{subset}.{index:0{SPLIT_DIGITS}d}"
+        if not manifest_paths(Path(source_dir), prefix, piece)["cuts"].is_file():
+            logger.warning("split piece %s of %s not found in %s, skipping", piece, prefix,
+                           source_dir)  # fmt: skip
+            continue
+        written.append(compute_fbank(source_dir, dest_dir, prefix, piece, **kwargs))  # type: ignore[arg-type]
+    return written
+
+
 def compute_fbank(
     source_dir: str | os.PathLike = "data/manifests",
     dest_dir: str | os.PathLike = "data/fbank",
@@ -95,7 +123,8 @@ def compute_fbank(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Returns the written `{dest_dir}/{prefix}_cuts_{subset}.jsonl.gz`."""
+    """Returns the written `{dest_dir}/{prefix}_cuts_{subset}.jsonl.gz`; an output already
+    made from the same manifest and settings is kept (skipped), another one refused."""
     if feature_type not in FEATURE_TYPES:
         raise ValueError(
             f"feature type {feature_type!r} is not supported; use one of {FEATURE_TYPES}"
@@ -108,8 +137,14 @@ def compute_fbank(
         )
     source_dir, dest_dir = Path(source_dir), Path(dest_dir).resolve()
     output = manifest_paths(dest_dir, prefix, subset)["cuts"]
-    if output.exists() and not overwrite:
+    from zipvoice.dataset.finished import already_done, mark_done
+
+    inputs = [p for p in manifest_paths(source_dir, prefix, subset).values() if p.is_file()]
+    settings = {"step": "compute_fbank", "sampling_rate": sampling_rate, "type": feature_type}
+    if output.exists() and not inputs:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    if already_done(output, inputs, settings, overwrite):
+        return output
 
     cut_set, source = _load_cuts(source_dir, prefix, subset)
     cuts = list(cut_set)
@@ -128,6 +163,7 @@ def compute_fbank(
         with_feats = _compute_all(cuts, storage_dir, run, num_jobs, progress)
         dest_dir.mkdir(parents=True, exist_ok=True)
         write_manifest_atomically(CutSet.from_cuts(with_feats), output)
+        mark_done(output, inputs, settings)
     except BaseException:
         for partial in storage_dir.glob(f"{run}*"):
             partial.unlink()

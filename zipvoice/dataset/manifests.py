@@ -252,6 +252,13 @@ def write_rejected_tsv(path: Path, rejected: list[RejectedRow]) -> None:
     atomic_write_text(path, "".join(lines))
 
 
+def _prepared_on_disk(out: dict[str, Path]) -> PreparedManifests:
+    """The manifests an earlier, identical run wrote (see zipvoice.dataset.finished)."""
+    rejected_tsv = out["rejected"] if out["rejected"].is_file() else None
+    return PreparedManifests(out["recordings"], out["supervisions"], out["cuts"], rejected_tsv,
+                             len(CutSet.from_file(out["cuts"])), [])  # fmt: skip
+
+
 def _check_paths(
     tsv_path: Path, output_dir: str | os.PathLike, prefix: str, subset: str, overwrite: bool
 ) -> dict[str, Path]:
@@ -341,6 +348,12 @@ def prepare_dataset(
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     tsv_path = Path(tsv_path)
+    from zipvoice.dataset.finished import already_done, mark_done
+
+    settings = {"step": "prepare_dataset", "sampling_rate": sampling_rate, "on_error": on_error}
+    finished = manifest_paths(output_dir, prefix, subset)
+    if tsv_path.is_file() and already_done(finished["cuts"], [tsv_path], settings, overwrite):
+        return _prepared_on_disk(finished)
     out = _check_paths(tsv_path, output_dir, prefix, subset, overwrite)
     logger.info("Reading %s", tsv_path)
     rows, rejected = read_tsv_rows(tsv_path)
@@ -376,6 +389,7 @@ def prepare_dataset(
     write_manifest_atomically(CutSet.from_cuts(cuts), out["cuts"])
     if not rejected:
         out["rejected"].unlink(missing_ok=True)  # a report from an earlier run would mislead
+    mark_done(out["cuts"], [tsv_path], settings)
     logger.info("Wrote %d cuts to %s", len(cuts), out["cuts"])
     return PreparedManifests(
         recordings=out["recordings"],

@@ -98,8 +98,6 @@ def _check_paths(input_file: Path, output_file: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"cuts manifest not found: {input_file}")
     if output_file.resolve() == input_file.resolve():
         raise ValueError(f"--output-file must differ from --input-file ({input_file})")
-    if output_file.exists() and not overwrite:
-        raise FileExistsError(f"{output_file} already exists; pass --overwrite to replace it")
     output_file.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -141,7 +139,7 @@ def _tokenize_cuts(
 def prepare_tokens(
     input_file: str | os.PathLike,
     output_file: str | os.PathLike,
-    tokenizer: str = "japanese",
+    tokenizer: str = "emilia",
     lang: str = "en-us",
     token_file: str | os.PathLike | None = None,
     num_jobs: int = 1,
@@ -153,6 +151,15 @@ def prepare_tokens(
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     input_file, output_file = Path(input_file), Path(output_file)
     _check_paths(input_file, output_file, overwrite)
+    from zipvoice.dataset.finished import already_done, mark_done
+
+    inputs = [input_file] + ([Path(token_file)] if token_file else [])
+    settings = {"step": "prepare_tokens", "tokenizer": tokenizer, "lang": lang,
+                "on_error": on_error}  # fmt: skip
+    if already_done(output_file, inputs, settings, overwrite):
+        report = rejected_report_path(output_file)
+        return TokenizedManifest(output_file, report if report.is_file() else None,
+                                 len(CutSet.from_file(output_file)), [])  # fmt: skip
 
     tok = get_tokenizer(tokenizer, token_file=token_file, lang=lang)
     if hasattr(tok, "num_workers"):
@@ -189,6 +196,7 @@ def prepare_tokens(
     write_manifest_atomically(CutSet.from_cuts(kept), output_file)
     if not rejected:
         report.unlink(missing_ok=True)  # a report from an earlier run would mislead
+    mark_done(output_file, inputs, settings)
     logger.info("Wrote %d cuts to %s", len(kept), output_file)
     return TokenizedManifest(
         output_file=output_file,

@@ -157,6 +157,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--remove-long-sil", type=str2bool, default=False,
                         help="Also shorten long pauses inside the generated speech.")  # fmt: skip
+    parser.add_argument("--raw-evaluation", type=str2bool, default=False,
+                        help="Feed the prompt wav, its text and the text to the model as given "
+                        "(no silence removal, punctuation or chunking), as upstream's raw "
+                        "evaluation mode.")  # fmt: skip
 
 
 def check_io_arguments(args: argparse.Namespace) -> None:
@@ -214,6 +218,7 @@ def synthesizer_from_args(
         speed=args.speed,
         max_duration=args.max_duration,
         remove_long_sil=args.remove_long_sil,
+        raw_evaluation=getattr(args, "raw_evaluation", False),
     )
 
 

@@ -70,19 +70,24 @@ def generate_wave(
     remove_long_sil: bool = False,
     sr: int = SAMPLING_RATE,
     target_rms: float = 0.1,
+    raw: bool = False,
 ) -> tuple[np.ndarray, GenerationStats]:
     """Synthesise ``text`` in the prompt's voice: chunk, batch, sample, vocode, join.
 
     The result is at ``target_rms`` (at a quieter prompt's own level, as the reference tool
-    returns it; 0: the model's level), peak-limited below full scale instead of clipped."""
+    returns it; 0: the model's level), peak-limited below full scale instead of clipped. `raw`
+    (upstream's --raw-evaluation) feeds the text as given in one piece: no added punctuation,
+    no chunking, no silence removal from the result."""
     if speed <= 0:
         raise InferenceError(f"speed must be positive, got {speed}")
-    tokens = text_to_tokens(add_punctuation(text))
+    tokens = text_to_tokens(text if raw else add_punctuation(text))
     if not tokens:
         raise InferenceError(f"text {text!r} gives no tokens")
     token_duration = prompt.duration / (len(prompt.tokens) * speed)
     warn_if_transcript_mismatch(prompt.duration, len(prompt.tokens))
     max_tokens = max(1, int((MAX_CHUNK_SECONDS - prompt.duration) / token_duration))
+    if raw:
+        max_tokens, max_duration = len(tokens), float("inf")
     chunks = chunk_tokens_punctuation(tokens, max_tokens=max_tokens)
     chunk_ids = tokens_to_ids(chunks)
     prompt_ids = tokens_to_ids([prompt.tokens])[0]
@@ -106,7 +111,8 @@ def generate_wave(
     for position, original in enumerate(order):
         waves[original] = waves_sorted[position]
     wave = cross_fade_concat(waves, sr=sr)
-    wave = remove_silence(wave, sr, only_edge=not remove_long_sil)
+    if not raw:
+        wave = remove_silence(wave, sr, only_edge=not remove_long_sil)
     wave = normalize_loudness(wave, target_rms / prompt.rms_scale, sr=sr)
     stats.seconds_audio = wave.shape[-1] / sr
     return wave, stats
@@ -161,6 +167,7 @@ class Synthesizer:
         speed: float = 1.0,
         max_duration: float = 100.0,
         remove_long_sil: bool = False,
+        raw_evaluation: bool = False,
     ) -> None:
         self.text_to_tokens = text_to_tokens
         self.tokens_to_ids = tokens_to_ids
@@ -171,12 +178,14 @@ class Synthesizer:
         self.speed = speed
         self.max_duration = max_duration
         self.remove_long_sil = remove_long_sil
+        self.raw_evaluation = raw_evaluation
 
     def synthesize(
         self, text: str, prompt_wav: str | os.PathLike, prompt_text: str
     ) -> tuple[np.ndarray, GenerationStats]:
+        raw = self.raw_evaluation
         prompt = prepare_prompt(
-            prompt_wav, prompt_text, self.text_to_tokens, self.target_rms, self.feat_scale
+            prompt_wav, prompt_text, self.text_to_tokens, self.target_rms, self.feat_scale, raw=raw
         )
         return generate_wave(
             text,
@@ -190,6 +199,7 @@ class Synthesizer:
             max_duration=self.max_duration,
             remove_long_sil=self.remove_long_sil,
             target_rms=self.target_rms,
+            raw=raw,
         )
 
     def synthesize_to_file(

@@ -43,8 +43,11 @@ def prepare_prompt(
     target_rms: float = 0.1,
     feat_scale: float = 0.1,
     sr: int = SAMPLING_RATE,
+    raw: bool = False,
 ) -> Prompt:
-    """Load, resample, trim, RMS-normalise and featurise a prompt; tokenise its text."""
+    """Load, resample, trim, RMS-normalise and featurise a prompt; tokenise its text. `raw`
+    (upstream's --raw-evaluation) keeps the wave and text as given: no silence removal, no
+    added trailing silence or punctuation, only the RMS normalisation."""
     wave = load_audio(wav_path, target_sr=sr).numpy()
     if wave.shape[-1] < MIN_PROMPT_SECONDS * sr:
         raise InferenceError(
@@ -52,14 +55,16 @@ def prepare_prompt(
             f"{MIN_PROMPT_SECONDS} s of speech (1-10 s works best)"
         )
     check_not_silent(wave, wav_path)
-    wave = remove_silence(wave, sr, only_edge=False, trailing_s=0.0)
+    if not raw:
+        wave = remove_silence(wave, sr, only_edge=False, trailing_s=0.0)
     if wave.shape[-1] > MAX_PROMPT_SECONDS * sr:
         raise InferenceError(
             f"prompt {wav_path} is too long ({wave.shape[-1] / sr:.1f} s without its silences); "
             f"at most {MAX_PROMPT_SECONDS:.0f} s is accepted and 1-10 s works best: cut a "
             "shorter piece and give its transcript"
         )
-    wave = np.concatenate([wave, np.zeros(int(PROMPT_TRAILING_SILENCE_S * sr), np.float32)])
+    if not raw:
+        wave = np.concatenate([wave, np.zeros(int(PROMPT_TRAILING_SILENCE_S * sr), np.float32)])
     scale = 1.0
     if target_rms > 0:
         wave, scale = rms_normalize(wave, target_rms)
@@ -67,7 +72,7 @@ def prepare_prompt(
     if duration > 20:
         logger.warning("prompt %s is %.1f s long; 1-10 s works best", wav_path, duration)
     features = compute_vocos_mel(torch.from_numpy(np.ascontiguousarray(wave))[None])[0].numpy()
-    tokens = text_to_tokens(add_punctuation(prompt_text))
+    tokens = text_to_tokens(prompt_text if raw else add_punctuation(prompt_text))
     if not tokens:
         raise InferenceError(f"prompt text {prompt_text!r} gives no tokens")
     return Prompt(features * feat_scale, tokens, duration, float(scale))

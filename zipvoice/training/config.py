@@ -117,7 +117,7 @@ class RunConfig:
     num_iters: int = 0
     num_epochs: int = 11
     start_epoch: int = 1
-    valid_interval: int = 5000
+    valid_interval: int = -1
     save_every_n: int = 5000
     keep_last_k: int = 30
     seed: int = 42
@@ -127,6 +127,12 @@ class RunConfig:
     log_interval: int = 50
     max_bad_batches: int = 10
     select_metric: str | None = None
+    # Upstream's flags (docs/upstream.md): validation per epoch, diagnostics, averaging.
+    valid_by_epoch: bool = False
+    print_diagnostics: bool = False
+    scan_oom: bool = False
+    inf_check: bool = False
+    avg: int = 2
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,16 @@ class TrainingConfig:
             return min(500, self.run.num_iters // 20)
         return 500
 
+    @property
+    def valid_interval(self) -> int:
+        """Steps between validations: --valid-interval, or (-1) every --save-every-n steps as
+        upstream; 0 with --valid-by-epoch 1, which validates at each epoch's start instead."""
+        if self.run.valid_by_epoch:
+            return 0
+        if self.run.valid_interval >= 0:
+            return self.run.valid_interval
+        return self.run.save_every_n
+
     # ------------------------------------------------------------------ flags <-> config
 
     @classmethod
@@ -262,6 +278,8 @@ class TrainingConfig:
             raise ValueError(f"--world-size must be at least 1, got {self.run.world_size}")
         if self.run.num_iters <= 0 and self.run.num_epochs <= 0:
             raise ValueError("give a positive --num-iters or --num-epochs")
+        if self.run.avg < 0:
+            raise ValueError(f"--avg must not be negative, got {self.run.avg}")
         if self.run.max_bad_batches < 0:
             raise ValueError("--max-bad-batches must not be negative")
         if self.adapter.use_lora:

@@ -19,16 +19,29 @@ def is_main(rank: int) -> bool:
     return rank == 0
 
 
+def launcher_ranks() -> tuple[int, int, int] | None:
+    """(rank, local rank, world size) when a launcher (torchrun) started this process: it sets
+    RANK, LOCAL_RANK and WORLD_SIZE, and MASTER_ADDR/MASTER_PORT for the rendezvous."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return rank, int(os.environ.get("LOCAL_RANK", rank)), world_size
+
+
 def setup_distributed(rank: int, world_size: int, master_port: int) -> torch.device:
-    """This rank's device; with several processes, the process group (NCCL or gloo)."""
+    """This rank's device; with several processes, the process group (NCCL or gloo). Under a
+    launcher the GPU is the local rank's and the rendezvous the launcher's MASTER_ADDR/PORT."""
+    launched = launcher_ranks()
+    local_rank = launched[1] if launched is not None else rank
     if torch.cuda.is_available():
-        device = torch.device("cuda", rank)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if world_size > 1:
         os.environ.setdefault("MASTER_ADDR", "localhost")
-        os.environ["MASTER_PORT"] = str(master_port)
+        if launched is None:
+            os.environ["MASTER_PORT"] = str(master_port)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cpu":
             # Every process would otherwise start one thread per core: oversubscribed spinning.

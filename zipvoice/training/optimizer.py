@@ -7,7 +7,7 @@ from torch import nn
 
 from zipvoice.training.config import TrainingConfig, TrainingError
 from zipvoice.training.distributed import unwrap_ddp
-from zipvoice.utils.optim import Eden, LRScheduler, ScaledAdam, WarmupCosine
+from zipvoice.utils.optim import Eden, FixedLRScheduler, LRScheduler, ScaledAdam, WarmupCosine
 
 
 def build_optimizer(
@@ -34,8 +34,18 @@ def build_optimizer(
         )
     elif kind == "scaledadam":
         optimizer = ScaledAdam(params, lr=lr, clipping_scale=2.0)
-        lr_epochs = optim.lr_hours if optim.lr_hours > 0 else optim.lr_epochs
-        scheduler = Eden(optimizer, optim.lr_batches, lr_epochs)
+        scheduler = scaledadam_schedule(optimizer, config)
     else:
         raise ValueError(f"unknown optimizer {kind!r}")
     return optimizer, scheduler, kind
+
+
+def scaledadam_schedule(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> LRScheduler:
+    """Upstream's choice: a constant --base-lr when fine-tuning (--finetune 1), else Eden decaying
+    over --lr-batches and --lr-hours (hours of audio, stepped per batch) or --lr-epochs (stepped
+    once per epoch by the trainer)."""
+    optim = config.optim
+    if config.model.finetune:
+        return FixedLRScheduler(optimizer)
+    lr_epochs = optim.lr_hours if optim.lr_hours > 0 else optim.lr_epochs
+    return Eden(optimizer, optim.lr_batches, lr_epochs)

@@ -46,6 +46,7 @@ from zipvoice.training.distributed import (
     broadcast_object,
     gather_objects,
     is_main,
+    launcher_ranks,
     setup_distributed,
     teardown_distributed,
     unwrap_ddp,
@@ -57,6 +58,7 @@ from zipvoice.training.experiment_log import (
     log_model_summary,
     setup_run_logging,
 )
+from zipvoice.training.final_model import save_final_product, save_step_adapter
 from zipvoice.training.model_setup import (
     ModelSetup,
     TrainablePredicate,
@@ -123,6 +125,9 @@ class Trainer:
         from zipvoice.utils.lock import FolderLock
         from zipvoice.utils.resources import check_port_free
 
+        launched = launcher_ranks()
+        if launched is not None:
+            return self._fit_launched(*launched)
         world_size = self.config.run.world_size
         with FolderLock(self.exp_dir, "training run"):
             if world_size > 1:
@@ -134,6 +139,19 @@ class Trainer:
                 return None
             return self.fit_rank(0, 1)
 
+    def _fit_launched(self, rank: int, local_rank: int, world_size: int) -> nn.Module | None:
+        """One rank of a launcher's (torchrun's) job: rank 0 holds the exp-dir lock and writes;
+        --world-size is the launcher's WORLD_SIZE, not a number of processes to spawn."""
+        from zipvoice.utils.lock import FolderLock
+
+        logger.info("rank %d/%d (local %d) from the launcher", rank, world_size, local_rank)
+        if rank != 0:
+            self.fit_rank(rank, world_size)
+            return None
+        with FolderLock(self.exp_dir, "training run"):
+            model = self.fit_rank(rank, world_size)
+        return model if world_size == 1 else None
+
     def fit_rank(self, rank: int, world_size: int) -> nn.Module:
         """The whole run on this rank: set up, loop, final validation and save."""
         self.exp_dir.mkdir(parents=True, exist_ok=True)
@@ -142,8 +160,8 @@ class Trainer:
         try:
             self.setup(rank, world_size, device)
             if self._loop():
-                run = self.config.run
-                if run.valid_interval <= 0 or self.state.step % run.valid_interval != 0:
+                every = self.config.valid_interval
+                if every <= 0 or self.state.step % every != 0:
                     self.validate()
                 self.save(final=True)
                 logger.info("training finished at step %d", self.state.step)
@@ -169,6 +187,9 @@ class Trainer:
         self.eval_hook = make_eval_hook(
             self.config, self.exp_dir, rank, self.tokenizer, device, self.experiment
         )
+        from zipvoice.training.diagnostics import attach_diagnostics
+
+        self.callbacks += attach_diagnostics(self)
         rng_states = checkpoint.get("rng") or [] if checkpoint is not None else None
         self._rng_to_restore = None
         seed = self.config.run.seed
@@ -334,7 +355,7 @@ class Trainer:
         self.model.train()
         self._start = (time.monotonic(), self.state.step)
         self._running_loss: float | None = None
-        if self.state.step == 0 and run.valid_interval > 0:
+        if self.state.step == 0 and self.config.valid_interval > 0:
             self.validate()
         restored_mid_epoch = self.sampler_state is not None
         while not self._finished(total_steps) and self.state.epoch <= num_epochs:
@@ -344,6 +365,7 @@ class Trainer:
                 self.state.batches_in_epoch = 0
             # A checkpoint saved on an epoch's last batch restores a sampler with nothing left.
             may_be_empty, restored_mid_epoch = restored_mid_epoch, False
+            self._start_epoch()
             outcome = self._run_epoch(total_steps)
             if outcome == "stopped":
                 return False
@@ -352,6 +374,14 @@ class Trainer:
             if not self._finished(total_steps):
                 self.state.epoch += 1
         return True
+
+    def _start_epoch(self) -> None:
+        """Upstream's per-epoch steps: Eden's epoch decay (--lr-epochs, unless --lr-hours
+        drives it per batch) and, with --valid-by-epoch 1, a validation."""
+        if self.optimizer_kind == "scaledadam" and self.config.optim.lr_hours <= 0:
+            self.scheduler.step_epoch(self.state.epoch - 1)
+        if self.config.run.valid_by_epoch:
+            self.validate()
 
     def _finished(self, total_steps: int | None) -> bool:
         return total_steps is not None and self.state.step >= total_steps
@@ -374,7 +404,8 @@ class Trainer:
             step = self.state.step
             if step % run.log_interval == 0 or step == total_steps:
                 self._log_progress(total_steps)
-            if run.valid_interval > 0 and step % run.valid_interval == 0:
+            every = self.config.valid_interval
+            if every > 0 and step % every == 0:
                 self.validate()
             finished = self._finished(total_steps)
             if run.save_every_n > 0 and step % run.save_every_n == 0 and not finished:
@@ -531,24 +562,16 @@ class Trainer:
                 "bad_batches": state.bad_batches,
                 "best_valid_loss": state.best_valid_loss,
                 "identity": self.identity,
+                "average_period": self.config.optim.average_period,
             },
             checkpoint_path,
         )
         ckpt.prune_checkpoints(self.exp_dir, self.config.run.keep_last_k)
         name = "adapter" if final else f"adapter-{state.step}"
-        if is_lora_model(raw):
-            ckpt.save_run_adapter(
-                raw,
-                self.exp_dir / name,
-                self.config,
-                self.setup_result,
-                self.model_config,
-                step=state.step,
-                initial_adapter_dir=self.initial_adapter_dir,
-            )
-        elif final:
-            token_file = self.config.model.token_file
-            ckpt.save_full_model(raw, self.exp_dir / "finetuned", token_file, self.model_config)
+        if final:
+            save_final_product(self, raw)
+        elif is_lora_model(raw):
+            save_step_adapter(self, raw, name)
         ckpt.write_run_manifest(self.exp_dir, self.setup_result.base_fingerprint)
         adapter = f" and {name}/" if is_lora_model(raw) else ""
         logger.info("saved %s%s", checkpoint_path.name, adapter)

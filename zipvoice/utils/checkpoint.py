@@ -225,11 +225,52 @@ def load_model_state(
     model.load_state_dict(state, strict=True)
 
 
-def save_checkpoint(obj: Any, path: str | Path) -> None:
+def save_object(obj: Any, path: str | Path) -> None:
     """``torch.save`` atomically (temp file in the same folder, fsync, rename); the folder is
     created if needed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_checkpoint(
+    filename: Any,
+    model: Any = None,
+    model_avg: nn.Module | None = None,
+    model_ema: nn.Module | None = None,
+    params: Mapping[str, Any] | None = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    sampler: Any = None,
+    rank: int = 0,
+) -> None:
+    """Upstream's signature: `filename` gets the model's (and the averages') state dicts, the
+    optimiser, scheduler, scaler and sampler states and `params`' entries, on rank 0 only.
+
+    The project's two-argument form `save_checkpoint(obj, path)` (see `save_object`) is still
+    accepted: a path as the second argument marks it. Either way the write is atomic.
+    """
+    if isinstance(model, (str, Path)):
+        save_object(filename, model)
+        return
+    if rank != 0:
+        return
+    model = model.module if hasattr(model, "module") else model
+    checkpoint: dict[str, Any] = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "sampler": sampler.state_dict() if sampler is not None else None,
+    }
+    for key, average in (("model_avg", model_avg), ("model_ema", model_ema)):
+        if average is not None:
+            checkpoint[key] = {k: v.float() for k, v in average.state_dict().items()}
+    for key, value in (params or {}).items():
+        if key in checkpoint:
+            raise ValueError(f"params key {key!r} clashes with a checkpoint entry")
+        checkpoint[key] = str(value) if isinstance(value, Path) else value
+    save_object(checkpoint, filename)
 
 
 def save_safetensors_atomic(
@@ -243,3 +284,111 @@ def save_safetensors_atomic(
     meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(prepared, str(tmp), metadata=meta))
+
+
+# ---------------------------------------------------------------- upstream's training helpers
+
+
+def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """A whole checkpoint (training state included) as a dict, read weights-only: a file that
+    would run code is refused with a one-line reason, nothing in it is run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = safe_torch_load(path)  # upstream's files hold pathlib paths
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(_unpickling_refusal(path, exc)) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds {type(checkpoint).__name__}, expected a dict")
+    return checkpoint
+
+
+def load_checkpoint(
+    filename: str | Path,
+    model: nn.Module | None = None,
+    model_avg: nn.Module | None = None,
+    model_ema: nn.Module | None = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Upstream's loader: the weights go into `model` (and the averages into `model_avg` /
+    `model_ema`), DDP's `module.` prefix dropped; the rest of the checkpoint is returned."""
+    checkpoint = read_checkpoint_file(filename)
+    for key, module in (("model", model), ("model_avg", model_avg), ("model_ema", model_ema)):
+        if module is not None and key in checkpoint:
+            module.load_state_dict(_strip_module_prefix(checkpoint.pop(key)), strict=strict)
+    return checkpoint
+
+
+def find_checkpoints(out_dir: str | Path, iteration: int = 0) -> list[str]:
+    """`checkpoint-N.pt` files, newest first: all (0), N >= iteration (> 0) or N <= -iteration
+    (< 0), as upstream selects them."""
+    import re
+
+    found = []
+    for path in Path(out_dir).glob("checkpoint-*.pt"):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pt", path.name)
+        if match:
+            found.append((int(match.group(1)), str(path)))
+    found.sort(reverse=True)
+    if iteration >= 0:
+        return [name for n, name in found if n >= iteration]
+    return [name for n, name in found if n <= -iteration]
+
+
+def remove_checkpoints(out_dir: str | Path, topk: int, rank: int = 0) -> None:
+    """Keep the `topk` newest `checkpoint-N.pt` (rank 0 only, as upstream)."""
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}")
+    if rank != 0:
+        return
+    for name in find_checkpoints(out_dir)[topk:]:
+        Path(name).unlink(missing_ok=True)
+
+
+def average_checkpoints_with_averaged_model(
+    filename_start: str | Path,
+    filename_end: str | Path,
+    device: torch.device | str = "cpu",
+) -> dict[str, Tensor]:
+    """The mean of the weights over (start, end] from both files' `model_avg` (upstream's)."""
+    from zipvoice.utils.averaging import average_checkpoints
+
+    start, end = read_checkpoint_file(filename_start), read_checkpoint_file(filename_end)
+    averaged = average_checkpoints([start, end], use_averaged_model=True)
+    return {key: value.to(device) for key, value in averaged.items()}
+
+
+def update_averaged_model(params: Mapping[str, Any], model_cur: nn.Module, model_avg: nn.Module):
+    """model_avg = cur * period/step + avg * (step - period)/step (upstream's running mean)."""
+    weight_cur = params["average_period"] / params["batch_idx_train"]
+    model_cur = model_cur.module if hasattr(model_cur, "module") else model_cur
+    current = model_cur.state_dict()
+    with torch.no_grad():
+        for key, value in model_avg.state_dict().items():
+            if torch.is_floating_point(value):
+                value.mul_(1.0 - weight_cur).add_(current[key].to(value.dtype), alpha=weight_cur)
+
+
+def save_checkpoint_with_global_batch_idx(
+    out_dir: str | Path, global_batch_idx: int, model: nn.Module, **kwargs: Any
+) -> None:
+    """`save_checkpoint` to `out_dir/checkpoint-{global_batch_idx}.pt`."""
+    save_checkpoint(Path(out_dir) / f"checkpoint-{global_batch_idx}.pt", model, **kwargs)
+
+
+def resume_checkpoint(
+    params: Any, model: nn.Module, model_avg: nn.Module, model_ema: nn.Module | None = None
+) -> dict[str, Any]:
+    """Upstream's resume: load `exp_dir/epoch-{start_epoch - 1}.pt` strictly and copy its
+    best-loss and step counters into `params`."""
+    filename = Path(params["exp_dir"]) / f"epoch-{params['start_epoch'] - 1}.pt"
+    saved = load_checkpoint(filename, model=model, model_avg=model_avg, model_ema=model_ema,
+                            strict=True)  # fmt: skip
+    for key in ("best_train_epoch", "best_valid_epoch", "batch_idx_train",
+                "best_train_loss", "best_valid_loss"):  # fmt: skip
+        if key in saved:
+            params[key] = saved[key]
+    return saved

@@ -290,6 +290,14 @@ class Eden(LRScheduler):
         return batch_factor * epoch_factor * warmup
 
 
+class FixedLRScheduler(LRScheduler):
+    """A constant learning rate (upstream's fine-tuning schedule): the model is already
+    trained, so neither Eden's warm-up nor its decay applies."""
+
+    def factor(self) -> float:
+        return 1.0
+
+
 class WarmupCosine(LRScheduler):
     """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_ratio` at
     `total_steps`, or constant when `total_steps` is 0 (length of training unknown)."""
