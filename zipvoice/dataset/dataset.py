@@ -34,7 +34,8 @@ def is_replay_cut(cut: Cut) -> bool:
 
 class SpeechSynthesisDataset(torch.utils.data.Dataset):
     """Collates cuts into {"features" (B, T, 100), "features_lens" (B,), "tokens", "text",
-    "cut_ids", "replay" (B,) bool}, plus "cut" / "audio", "audio_lens" on request.
+    "cut_ids", and "replay" (B,) bool when the batch holds replay cuts}, plus "cut" /
+    "audio", "audio_lens" on request.
 
     Args:
       feature_input_strategy: `PrecomputedFeatures()` (default) reads compute_fbank's output;
@@ -133,9 +134,10 @@ class SpeechSynthesisDataset(torch.utils.data.Dataset):
             "features": features.float(),
             "features_lens": features_lens.long(),
             "cut_ids": [cut.id for cut in cut_list],
-            # Which cuts are replay of the pretraining domain (zipvoice.dataset.replay).
-            "replay": torch.tensor([is_replay_cut(cut) for cut in cut_list], dtype=torch.bool),
         }
+        replay = [is_replay_cut(cut) for cut in cut_list]
+        if any(replay):  # which cuts are replay of the pretraining domain (dataset/replay.py)
+            batch["replay"] = torch.tensor(replay, dtype=torch.bool)
         if self.return_tokens:
             batch["tokens"] = self._tokens(cut_list)
         if self.return_text:
