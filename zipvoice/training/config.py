@@ -114,6 +114,7 @@ class RunConfig:
     wandb_project: str | None = None
     log_interval: int = 50
     max_bad_batches: int = 10
+    num_threads: int = 0  # intra-op threads per process; 0: cores / world_size
 
 
 GROUPS = ("data", "model", "adapter", "optim", "run")

@@ -80,3 +80,44 @@ def check_port_free(port: int, host: str = "localhost") -> None:
                 if err.errno == errno.EADDRNOTAVAIL:  # e.g. ::1 on a host without IPv6
                     continue
                 raise
+
+
+# ---------------------------------------------------------------- cores, threads, workers
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container or `taskset` limit counts,
+    unlike os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def choose_num_threads(requested: int, processes: int = 1) -> int | None:
+    """Intra-op threads for one of `processes` processes sharing the cores: `requested` if > 0;
+    0 (auto): None when OMP_NUM_THREADS is set (the user chose; torch already follows it),
+    else cores // processes, at least 1. More threads than cores spin against each other."""
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, available_cores() // max(1, processes))
+
+
+def apply_num_threads(requested: int, processes: int = 1) -> int:
+    """torch.set_num_threads(choose_num_threads(...)); returns the count in effect."""
+    import torch
+
+    threads = choose_num_threads(requested, processes)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def choose_num_workers(requested: int, processes: int = 1) -> int:
+    """Data-loader worker processes: `requested` if >= 0; -1 (auto): min(2, cores per process
+    - 1), so that the training process keeps a core (0 workers on a single core)."""
+    if requested >= 0:
+        return requested
+    per_process = max(1, available_cores() // max(1, processes))
+    return max(0, min(2, per_process - 1))
