@@ -93,7 +93,9 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After a signal the process is on its way out (TrainingInterrupted / HardStop):
+            # one more Ctrl-C must not raise inside the clean-up or at exit.
+            signal.signal(sig, handler if self.signum is None else signal.SIG_IGN)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -101,6 +103,8 @@ class StopRequest:
             # Only the parent knows which signal the user sent; it reports the exit status.
             signum = signal.SIGINT
         if self.signum is not None:
+            for sig in self._previous:  # a third signal must not interrupt the unwinding
+                signal.signal(sig, signal.SIG_IGN)
             raise HardStop(self.signum, HARD_STOP_MESSAGE)
         self.signum = signum
 

@@ -103,6 +103,8 @@ def exit_on_error(
             try:
                 code = fn(*args, **kwargs)
             except KeyboardInterrupt as err:
+                if fn.__module__ == "__main__":  # a command on its way out: no more tracebacks
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
                 code, line = interrupt_report(err, fn.__module__, args[0] if args else None)
                 if logger is not None:
                     logger.error("%s", line)
