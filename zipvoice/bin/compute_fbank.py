@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 
-from zipvoice.dataset.fbank import FEATURE_TYPES, compute_fbank
+from zipvoice.dataset.config import FEATURE_TYPES
 from zipvoice.utils.cli import exit_on_error, setup_logging
 
 
@@ -61,6 +61,8 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
+    from zipvoice.dataset.fbank import compute_fbank  # here: --help stays light (no lhotse)
+
     compute_fbank(
         source_dir=args.source_dir,
         dest_dir=args.dest_dir,

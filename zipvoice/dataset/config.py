@@ -15,6 +15,9 @@ from pathlib import Path
 from zipvoice.utils.cli import str2bool
 
 DATASETS = ("emilia", "libritts", "custom")
+# Here rather than beside their code, so that the entry points' --help does not import lhotse.
+FEATURE_TYPES = ("vocos",)  # zipvoice.dataset.fbank
+ON_ERROR_CHOICES = ("fail", "skip")  # zipvoice.dataset.manifests
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,12 @@ class _SeedWorkers:
     """Gives each data loader worker its own reproducible random state, and leaves Ctrl-C and
     SIGTERM to the training process.
 
-    A terminal's Ctrl-C (or a batch system's SIGTERM) reaches the whole process group; a worker that died of it would make
-    the training process fail instead of finishing its step and saving (zipvoice.training.
-    interrupt). Nothing in SpeechSynthesisDataset draws random numbers, so batches do not
-    depend on which worker (or how many) made them; a random transform added there must draw
-    from a generator seeded by the batch, not from these per-worker states.
+    A terminal's Ctrl-C (or a batch system's SIGTERM) reaches the whole process group; a
+    worker that died of it would make the training process fail instead of finishing its step
+    and saving (zipvoice.training.interrupt). Nothing in SpeechSynthesisDataset draws random
+    numbers, so batches do not depend on which worker (or how many) made them; a random
+    transform added there must draw from a generator seeded by the batch, not from these
+    per-worker states.
     """
 
     def __init__(self, seed: int) -> None:

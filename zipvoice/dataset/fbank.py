@@ -20,12 +20,12 @@ from lhotse import CutSet, LilcomChunkyWriter, load_manifest
 from lhotse.cut import Cut
 from tqdm.auto import tqdm
 
+from zipvoice.dataset.config import FEATURE_TYPES
 from zipvoice.dataset.manifests import manifest_paths, write_manifest_atomically
 from zipvoice.utils.feature import VocosFbank
 
 logger = logging.getLogger(__name__)
 
-FEATURE_TYPES = ("vocos",)
 CHUNKS_PER_JOB = 4  # more chunks than workers keeps the progress bar moving and loads balanced
 # Starting a worker (importing torch and lhotse) costs seconds; below this it is not worth it.
 MIN_CUTS_PER_JOB = 50

@@ -6,21 +6,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from zipvoice.inference.common import MODEL_DEFAULTS, InferenceError
-from zipvoice.inference.generation import (
-    GenerationStats,
-    SampleFn,
-    Synthesizer,
-    VocodeFn,
-    make_text_functions,
-)
-from zipvoice.inference.torch_backend import load_model_for_inference
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.utils.cli import str2bool
+
+if TYPE_CHECKING:  # building a parser (--help) must not import torch, lhotse or PEFT
+    from torch import nn
+
+    from zipvoice.inference.generation import GenerationStats, SampleFn, Synthesizer, VocodeFn
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -> None:
@@ -49,6 +44,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[nn.Module, Path, dict[str, Any]]:
     """`load_model_for_inference` with the flags of `add_model_arguments`."""
+    from zipvoice.inference.torch_backend import load_model_for_inference
+
     return load_model_for_inference(
         args.model_name,
         args.model_dir,
@@ -112,7 +109,15 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         help="Raise quieter prompts to this RMS (0 disables).",
     )
     parser.add_argument("--seed", type=int, default=666, help="Random seed.")
-    parser.add_argument("--num-thread", type=int, default=1, help="CPU threads.")
+    parser.add_argument(
+        "--num-thread",
+        "--num-threads",
+        dest="num_thread",
+        type=int,
+        default=0,
+        help="CPU intra-op threads (0: the cores from the CPU affinity, or OMP_NUM_THREADS "
+        "when set).",
+    )
     parser.add_argument(
         "--max-duration",
         type=float,
@@ -126,6 +131,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def check_io_arguments(args: argparse.Namespace) -> None:
     """Exactly one of --test-list or (--prompt-wav, --prompt-text, --text)."""
     single = (args.prompt_wav, args.prompt_text, args.text)
+    if getattr(args, "num_thread", 0) < 0:
+        raise InferenceError(f"--num-thread must be >= 0 (0: automatic), got {args.num_thread}")
     if args.test_list is not None:
         if any(v is not None for v in single):
             raise InferenceError("give either --test-list or --prompt-wav/--prompt-text/--text")
@@ -134,7 +141,7 @@ def check_io_arguments(args: argparse.Namespace) -> None:
         raise InferenceError(
             "give --prompt-wav, --prompt-text and --text (or --test-list for many sentences)"
         )
-    for name in ("num_step", "num_thread"):
+    for name in ("num_step",):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise InferenceError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -165,6 +172,8 @@ def synthesizer_from_args(
     metadata: Mapping[str, Any],
 ) -> Synthesizer:
     """A Synthesizer for a backend, configured by the flags of `add_generation_arguments`."""
+    from zipvoice.inference.generation import Synthesizer, make_text_functions
+
     tokenizer_name, lang = text_frontend(args, metadata)
     text_to_tokens, tokens_to_ids = make_text_functions(tokenizer_name, token_file, lang)
     return Synthesizer(

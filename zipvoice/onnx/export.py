@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from zipvoice.models.modules.lora_utils import is_lora_model
 from zipvoice.models.zipvoice import get_tokens_index
+from zipvoice.onnx import EXPORTERS
 from zipvoice.utils.fileio import atomic_copy, atomic_write
 from zipvoice.utils.manifest import write_manifest
 
@@ -37,7 +38,6 @@ TEXT_ENCODER_FILE = "text_encoder.onnx"
 FM_DECODER_FILE = "fm_decoder.onnx"
 VOCODER_FILE = "vocoder.onnx"
 TOKENS_FILE = "tokens.txt"
-EXPORTERS = ("torchscript", "dynamo")
 
 
 class OnnxExportError(ValueError):
