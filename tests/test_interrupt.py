@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
-from tests.test_train import user_config, user_flags
+from tests.test_train import _free_port, user_config, user_flags
 from zipvoice.training.trainer import run_training
 
 STEP_LINE = re.compile(r"step (\d+)/")
@@ -141,3 +141,24 @@ def test_zero_and_two_workers_train_the_same_adapter(japanese_fbank_manifests, t
     for workers in (0, 2):
         run_training(user_config(data, tmp_path / f"w{workers}", num_workers=workers, **common))
     _assert_equal(_adapter(tmp_path / "w0"), _adapter(tmp_path / "w2"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_both_ddp_ranks_at_one_step_and_the_run_resumes(
+    japanese_fbank_manifests, tmp_path
+):
+    """The parent takes the signal and passes it on; both ranks stop after the same step."""
+    port = _free_port()
+    command = _command(japanese_fbank_manifests, tmp_path, workers=0) + [
+        "--world-size", "2", "--master-port", str(port), "--max-duration", "3",
+    ]  # fmt: skip
+    code, output = _run_and_signal(command, at_step=1, signals=[signal.SIGINT])
+    assert code == 130, output[-3000:]
+    assert "Traceback" not in output
+    (line,) = _interrupt_lines(output)
+    step = int(re.search(r"after step (\d+)", line).group(1))
+    checkpoint = torch.load(tmp_path / f"checkpoint-{step}.pt", weights_only=True)
+    assert checkpoint["step"] == step and len(checkpoint["rng"]) == 2
+    resumed = _run(command)
+    assert "resuming from" in resumed
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
