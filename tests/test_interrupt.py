@@ -162,3 +162,27 @@ def test_ctrl_c_stops_both_ddp_ranks_at_one_step_and_the_run_resumes(
     resumed = _run(command)
     assert "resuming from" in resumed
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_ctrl_c_in_another_entry_point_is_one_line_and_130(tmp_path):
+    """Outside training, Ctrl-C stops at once: one line, no traceback (utils/cli.py)."""
+    command = [
+        sys.executable, "-m", "zipvoice.bin.generate_japanese_corpus", "--output-dir",
+        str(tmp_path), "--num-speakers", "4",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    seen = ""
+    while "Synthesising" not in seen:
+        char = process.stdout.read(1)
+        assert char, seen[-2000:]
+        seen += char
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    output = seen + rest
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    assert _interrupt_lines(output) == ["interrupted: stopped at once (Ctrl-C)"]

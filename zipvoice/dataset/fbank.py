@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from zipvoice.dataset.config import FEATURE_TYPES
 from zipvoice.dataset.manifests import manifest_paths, write_manifest_atomically
+from zipvoice.utils.cli import ignore_interrupts
 from zipvoice.utils.feature import VocosFbank
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,9 @@ def compute_fbank(
         chunks = [cuts[i::num_chunks] for i in range(num_chunks)]
         results: dict[int, list[Cut]] = {}
         with (
-            ProcessPoolExecutor(num_jobs, mp_context=_pool_context()) as pool,
+            ProcessPoolExecutor(
+                num_jobs, mp_context=_pool_context(), initializer=ignore_interrupts
+            ) as pool,
             tqdm(
                 total=len(cuts), desc="Computing features", unit="cut", disable=not progress
             ) as bar,
@@ -144,9 +147,13 @@ def compute_fbank(
                 pool.submit(_compute_chunk, chunk, str(storage_dir / f"feats-{i:04d}")): i
                 for i, chunk in enumerate(chunks)
             }
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update(len(results[futures[future]]))
+            try:
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update(len(results[futures[future]]))
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)  # do not wait for queued chunks
+                raise
         by_id = {c.id: c for chunk in results.values() for c in chunk}
         with_feats = [by_id[c.id] for c in cuts]
 

@@ -53,6 +53,12 @@ def fix_random_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def ignore_interrupts() -> None:
+    """Initializer of worker pools: Ctrl-C reaches the whole process group, and the parent alone
+    should answer it (one line, see exit_on_error), not every worker with its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def is_expected_error(err: BaseException) -> bool:
     return isinstance(err, EXPECTED_ERRORS) or type(err).__module__.startswith("zipvoice.")
 
