@@ -43,3 +43,28 @@ def test_every_entry_point_is_checked():
     assert {"train_zipvoice", "infer_zipvoice", "infer_zipvoice_onnx", "onnx_export"} <= set(
         ENTRY_POINTS
     )
+
+
+def test_threads_and_workers_follow_the_cores_unless_given(monkeypatch):
+    """Automatic counts from the CPU affinity (not os.cpu_count()); explicit ones win."""
+    from zipvoice.utils import resources
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    # 2 cores: one worker (a core stays for training: no oversubscription warning), 2 threads.
+    assert resources.choose_num_workers(-1) == 1
+    assert resources.choose_num_threads(0) == 2
+    assert (resources.choose_num_threads(0, 2), resources.choose_num_workers(-1, 2)) == (1, 0)
+    assert (resources.choose_num_threads(3), resources.choose_num_workers(4)) == (3, 4)
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert resources.choose_num_workers(-1) == 2 and resources.choose_num_threads(0, 2) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resources.choose_num_threads(0) == 1  # the user's environment chose
+
+
+def test_a_negative_thread_or_worker_count_is_refused(tmp_path):
+    from zipvoice.training.config import TrainingConfig
+
+    for bad in ({"num_threads": -1}, {"num_workers": -2}):
+        with pytest.raises(ValueError, match="--num-threads must be >= 0"):
+            TrainingConfig().replace(exp_dir=str(tmp_path), **bad).validate()

@@ -287,6 +287,10 @@ class Trainer:
             data, tokenizer=self.tokenizer, seed=self.config.run.seed, processes=self.world_size
         )
         train_cuts, dev_cuts = datamodule.train_cuts(), datamodule.dev_cuts()
+        logger.info(
+            "%d intra-op thread(s), %d data-loader worker(s) per process (--num-threads, "
+            "--num-workers)", torch.get_num_threads(), datamodule.num_workers,
+        )  # fmt: skip
         self.sampler_state = checkpoint.get("sampler") if checkpoint is not None else None
         self.train_dl = datamodule.train_dataloaders(
             train_cuts, sampler_state_dict=self.sampler_state
