@@ -34,7 +34,8 @@ STAGES_FILE = ".zipvoice-demo-stages.json"
 # Worker processes of the data stages (the entry points' default).
 NUM_JOBS = min(8, available_cores())
 
-# The fixture-sized model: about 1 M parameters, trains at several steps per second on a CPU.
+# The fixture-sized model: 1.67 M parameters (the pre-training log's count); its speed on a
+# CPU is in the README (measured, with the machine's load).
 TINY_MODEL_CONFIG = {
     "model": {
         "fm_decoder_downsampling_factor": [1, 2, 4, 2, 1],
