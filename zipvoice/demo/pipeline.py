@@ -171,9 +171,10 @@ def _corpus(s: DemoSettings, out: Path) -> tuple[dict[str, Any], dict[str, Path]
     from zipvoice.dataset.synthetic import make_japanese_corpus
 
     print("\n== 1. Generate a Japanese corpus with pyopenjtalk's voice", flush=True)
+    # overwrite: a stage that runs again replaces its own unfinished output.
+    where, progress = out / "corpus", s.progress
     corpus = make_japanese_corpus(
-        out / "corpus", s.num_speakers, s.num_sentences, name="ja", progress=s.progress,
-        overwrite=True,  # a stage that runs again replaces its unfinished output
+        where, s.num_speakers, s.num_sentences, name="ja", progress=progress, overwrite=True
     )
     speakers = sorted({p.name.split("_")[0] for p in corpus["wav_dir"].glob("*.wav")})
     # Without a real pretrained model, half the speakers stand in for the pre-training data.
