@@ -17,13 +17,15 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-PARITY = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "upstream_parity"
+CHECKOUT = Path(__file__).resolve().parents[1]
+PARITY = CHECKOUT / "tests" / "fixtures" / "upstream_parity"
 RELEASED_CONFIG = PARITY / "zipvoice" / "base_model.json"
 RELEASED_VOCAB_SIZE = 360  # the released tokens.txt (emilia); the Japanese file is close
 RESULT_PREFIX = "BENCHMARK_RESULT "
@@ -146,10 +148,22 @@ def emit_result(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_worker(script: Path, argv: Sequence[str], label: str) -> dict[str, Any]:
-    """Run `script argv` in a fresh interpreter and return the JSON it emitted."""
+def run_worker(
+    script: Path, argv: Sequence[str], label: str, code_root: Path | None = None
+) -> dict[str, Any]:
+    """Run `script argv` in a fresh interpreter and return the JSON it emitted.
+
+    ``code_root``: the tree whose ``zipvoice`` package the worker imports (PYTHONPATH points
+    there only); by default this checkout's.
+    """
+    root = CHECKOUT if code_root is None else code_root
+    env = dict(os.environ, PYTHONPATH=str(root))
     proc = subprocess.run(
-        [sys.executable, str(script), *argv], capture_output=True, text=True, check=False
+        [sys.executable, str(script), *argv, f"--code-root={root}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
@@ -206,3 +220,140 @@ def describe_machine(device: torch.device, threads: int) -> str:
     else:
         where = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"
     return f"torch {torch.__version__}, {where}, {threads} torch threads"
+
+
+# --------------------------------------------------------------------------------------------
+# Side by side with another revision (--baseline REF)
+# --------------------------------------------------------------------------------------------
+
+
+def export_revision(ref: str, dest: Path) -> str:
+    """Write git revision ``ref`` of this checkout into ``dest`` (git archive, nothing of the
+    working tree); returns its short hash. The worker then imports that tree's ``zipvoice``."""
+    try:
+        short = subprocess.run(
+            ["git", "-C", str(CHECKOUT), "rev-parse", "--short", f"{ref}^{{commit}}"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"--baseline {ref}: not a revision of {CHECKOUT} ({err})") from err
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(
+        ["git", "-C", str(CHECKOUT), "archive", "--format=tar", short], stdout=subprocess.PIPE
+    )
+    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise SystemExit(f"--baseline {ref}: git archive failed")
+    return short
+
+
+def check_code_root(code_root: Path | None) -> None:
+    """In a worker: fail loudly if ``zipvoice`` was imported from another tree than asked
+    (e.g. an installed copy shadowing the baseline), which would make the comparison void."""
+    if code_root is None:
+        return
+    import zipvoice
+
+    where = Path(zipvoice.__file__).resolve()
+    if code_root.resolve() not in where.parents:
+        raise SystemExit(f"worker imported zipvoice from {where}, expected under {code_root}")
+
+
+def interleaved(rounds: int, labels: Sequence[str]) -> list[str]:
+    """ABBA order over ``rounds`` (A B, B A, A B, ...) so that a drift in the machine's load
+    falls on both revisions alike."""
+    order: list[str] = []
+    for i in range(rounds):
+        order.extend(labels if i % 2 == 0 else list(reversed(labels)))
+    return order
+
+
+def max_abs_difference(a_path: Path, b_path: Path) -> float:
+    """Largest |a - b| between two saved float arrays of the same shape (inf when shapes
+    differ)."""
+    import numpy as np
+
+    a, b = np.load(a_path), np.load(b_path)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+
+
+READY_MARK = "BENCHMARK_READY"
+
+
+def lockstep_wait(enabled: bool) -> None:
+    """In a worker run with --lockstep: say it is ready for its next timed unit and wait for
+    the parent's go (one line on stdin), so that two revisions' units alternate one by one."""
+    if enabled:
+        print(READY_MARK, flush=True)
+        sys.stdin.readline()
+
+
+def run_lockstep(
+    script: Path,
+    argv: Sequence[str],
+    roots: dict[str, Path],
+    turns: int,
+    label: str,
+    per_tree_argv: dict[str, Sequence[str]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """One worker per tree, all set up at once, then their timed units strictly alternating
+    (A B, B A, ...): a change in the machine's load falls on every revision alike, which
+    separate processes one after the other cannot promise on a shared machine. Each worker
+    waits in lockstep_wait() before each of its ``turns`` units; only the one given the go
+    runs, so they never compete for the cores."""
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Any] = {}
+    for name, root in roots.items():
+        logs[name] = tempfile.TemporaryFile(mode="w+")
+        procs[name] = subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                *argv,
+                *(per_tree_argv or {}).get(name, ()),
+                f"--code-root={root}",
+                "--lockstep",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=logs[name],
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(root)),
+        )
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for name in procs:  # the set-ups may overlap: nothing is timed yet
+            _read_until_ready(procs[name], logs[name], f"{label} ({name})")
+        for name in interleaved(turns, list(procs)):
+            procs[name].stdin.write("\n")
+            procs[name].stdin.flush()
+            answer = _read_until_ready(procs[name], logs[name], f"{label} ({name})")
+            if answer:  # after its last unit a worker answers with its result
+                results[name] = answer
+        for name, proc in procs.items():
+            proc.stdin.close()
+            if name not in results:
+                results[name] = _read_until_ready(proc, logs[name], f"{label} ({name})", True)
+            proc.wait()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+def _read_until_ready(
+    proc: subprocess.Popen, log: Any, label: str, final: bool = False
+) -> dict[str, Any]:
+    """Consume the worker's stdout up to its next READY mark or, at the end, its result."""
+    for line in proc.stdout:
+        if line.startswith(READY_MARK) and not final:
+            return {}
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    proc.wait()
+    log.seek(0)
+    tail = "\n".join(log.read().strip().splitlines()[-15:])
+    raise RuntimeError(f"{label}: worker exited with {proc.returncode} before its result:\n{tail}")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv with zipvoice installed in editable mode (plus test tools).
+# Create ./.venv with zipvoice installed in editable mode (plus test tools and the evaluation
+# extra, whose metric models the tests run).
 #
 # torch is installed first, on its own, so that the project's open `torch>=2.3` requirement keeps
 # whatever torch the machine should use:
@@ -25,5 +26,26 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     pip_install "$spec"
   fi
 fi
-pip_install -e ".[dev]"
+pip_install -e ".[dev,eval]"
+# The offline speaker encoder of zipvoice.eval, without its `webrtcvad` (source-only, needs a
+# compiler) and `typing` requirements: the eval extra brings webrtcvad-wheels and librosa.
+pip_install --no-deps "resemblyzer==0.1.4"
+# Speech engines the evaluation tests synthesise voices with (Debian/Ubuntu packages). Installed
+# when missing and apt-get can run; otherwise those tests skip and say why.
+if ! command -v flite > /dev/null || ! command -v espeak-ng > /dev/null; then
+  apt=""
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    apt="apt-get"
+  elif command -v sudo > /dev/null && sudo -n true 2> /dev/null; then
+    apt="sudo -n apt-get"
+  fi
+  if [ -n "$apt" ]; then
+    # A fresh machine may have empty package lists: update once if the first try fails.
+    $apt install -y -q flite espeak-ng > /dev/null 2>&1 \
+      || { $apt update -q > /dev/null 2>&1 && $apt install -y -q flite espeak-ng > /dev/null; } \
+      || echo "setup: could not install flite/espeak-ng; some eval tests will skip"
+  else
+    echo "setup: flite/espeak-ng missing (apt-get install flite espeak-ng); some eval tests will skip"
+  fi
+fi
 "$VENV/bin/python" -c "import torch, zipvoice; print('zipvoice ready: torch', torch.__version__)"

@@ -21,7 +21,7 @@ from tests.conftest import REPO
 from tests.data_fixtures import *  # noqa: F403
 from zipvoice.dataset.datamodule import TtsDataModule
 from zipvoice.dataset.dataset import CutDataError, SpeechSynthesisDataset, on_the_fly_features
-from zipvoice.dataset.fbank import compute_fbank
+from zipvoice.dataset.fbank import FeatureComputationError, compute_fbank
 from zipvoice.dataset.manifests import InvalidRowsError, prepare_dataset
 from zipvoice.dataset.synthetic import load_sentences, make_japanese_corpus
 from zipvoice.dataset.tokens import UntokenizableCutsError, prepare_tokens
@@ -212,18 +212,51 @@ def test_segments_and_other_sample_rates_are_resampled(japanese_corpus, tmp_path
         )
 
 
-def test_parallel_feature_extraction_matches_serial(
-    japanese_fbank_manifests, tmp_path, monkeypatch
-):
-    monkeypatch.setattr("zipvoice.dataset.fbank.MIN_CUTS_PER_JOB", 1)  # tiny set, still 2 workers
+def test_parallel_feature_extraction_matches_serial(japanese_fbank_manifests, tmp_path, caplog):
     raw_dir = japanese_fbank_manifests["raw_manifest_dir"]
-    out = compute_fbank(raw_dir, tmp_path, prefix="japanese", subset="train", num_jobs=2)
+    with caplog.at_level(logging.INFO, logger="zipvoice.dataset.fbank"):
+        out = compute_fbank(raw_dir, tmp_path, prefix="japanese", subset="train", num_jobs=2)
+    assert "with 2 job(s)" in caplog.text  # --num-jobs honoured, even for a tiny set
     parallel = CutSet.from_file(out)
     serial = CutSet.from_file(japanese_fbank_manifests["train_cuts"])
     assert [c.id for c in parallel] == [c.id for c in serial]
     assert len({c.features.storage_path for c in parallel}) > 1  # really split over workers
     for a, b in zip(parallel, serial, strict=True):
         np.testing.assert_array_equal(a.load_features(), b.load_features())
+
+
+def test_failed_rerun_with_overwrite_keeps_the_previous_features(japanese_corpus, tmp_path):
+    rows = []
+    for name, text, wav in read_tsv(japanese_corpus["train_tsv"])[:2]:  # copies: one is damaged
+        copy = tmp_path / Path(wav).name
+        copy.write_bytes(Path(wav).read_bytes())
+        rows.append(f"{name}\t{text}\t{copy}")
+    tsv = tmp_path / "two.tsv"
+    tsv.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    raw = tmp_path / "manifests"
+    prepare_dataset(tsv, prefix="keep", subset="train", output_dir=raw)
+    first = compute_fbank(raw, tmp_path / "fbank", prefix="keep", subset="train", progress=False)
+    before = {c.id: c.load_features() for c in CutSet.from_file(first)}
+    # The audio of one cut is damaged between the runs: the rerun must fail...
+    saved = copy.read_bytes()
+    copy.write_bytes(b"RIFF" + bytes(40))
+    with pytest.raises(FeatureComputationError):
+        compute_fbank(
+            raw, tmp_path / "fbank", prefix="keep", subset="train", overwrite=True, progress=False
+        )
+    copy.write_bytes(saved)
+    # ... and leave the first run's manifest and archives readable and unchanged.
+    after = {c.id: c.load_features() for c in CutSet.from_file(first)}
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value)
+    archives = sorted((tmp_path / "fbank" / "keep_feats_train").iterdir())
+    assert len(archives) == 1  # the failed run's partial archive was removed
+    # A successful rerun replaces them and removes the old archive.
+    compute_fbank(
+        raw, tmp_path / "fbank", prefix="keep", subset="train", overwrite=True, progress=False
+    )
+    assert sorted((tmp_path / "fbank" / "keep_feats_train").iterdir()) != archives
 
 
 # ---------------------------------------------------------------------------- broken input

@@ -61,6 +61,7 @@ def test_demo_runs_end_to_end_and_leaves_every_artefact(tmp_path, capsys):
         wave, sr = sf.read(artefacts[key])
         assert sr == 24000
         assert wave.size > 0.5 * sr and np.isfinite(wave).all() and np.abs(wave).max() > 1e-3
+        assert np.abs(wave).max() <= 0.99 + 1 / 32768, key  # peak-limited, never clipped
     decoder = onnx.load(str(artefacts["ONNX models"] / "fm_decoder.onnx"))
     names = [n.name for n in decoder.graph.node] + [i.name for i in decoder.graph.initializer]
     assert not any("lora" in n.lower() for n in names)

@@ -192,6 +192,7 @@ def test_onnx_export_manifest_lists_what_it_wrote(exports, tmp_path):
     assert sorted(manifest["files"]) == [
         "fm_decoder.onnx",
         "fm_decoder_int8.onnx",
+        "model.json",
         "text_encoder.onnx",
         "text_encoder_int8.onnx",
         "tokens.txt",

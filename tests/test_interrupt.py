@@ -50,8 +50,9 @@ def _run_and_signal(
     command: list[str], at_step: int, signals: list[int], repeat: bool = False
 ) -> tuple[int, str]:
     """Start training in its own process group; after it logs `at_step`, send `signals` to
-    the whole group (with `repeat`, the last one again every 0.2 s until it exits: a user
-    pressing Ctrl-C again). Returns (exit status, everything it printed)."""
+    the whole group (with `repeat`, the last one again every 0.02 s until it exits: a user
+    pressing Ctrl-C again, soon enough to land before a short step and its save end).
+    Returns (exit status, everything it printed)."""
     process = subprocess.Popen(
         command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
@@ -65,7 +66,7 @@ def _run_and_signal(
             for sig in signals:
                 os.killpg(process.pid, sig)
             while repeat and process.poll() is None:
-                time.sleep(0.2)
+                time.sleep(0.02)
                 os.killpg(process.pid, signals[-1])
             break
     rest, _ = process.communicate(timeout=300)

@@ -175,3 +175,6 @@ def test_recipe_refuses_unknown_options_and_missing_models(work: Path) -> None:
 
     result = run_recipe(work, "--help")
     assert result.returncode == 0 and "--lora-rank" in result.stdout and "Stages:" in result.stdout
+    for knob in ("--replay-manifest", "--replay-ratio", "--kd-weight", "--kd-on",
+                 "--trainable-modules", "--freeze-modules", "--select-metric"):  # fmt: skip
+        assert knob in result.stdout, knob

@@ -21,7 +21,9 @@
 # (`--lora-rank 16`; dashes and underscores are the same). Relative paths are relative to the
 # directory you run the script from. Each line of a tsv is `id<TAB>text<TAB>wav_path` (or with
 # `<TAB>start<TAB>end` seconds); the part of the id before the first "_" is the speaker.
-# See docs/lora.md for how to choose the adapter settings.
+# See docs/lora.md for how to choose the adapter settings, and its section "Keeping the base
+# model's voice" for replay (--replay-manifest), distillation (--kd-weight), partial freezing
+# (--freeze-modules) and keeping the best checkpoint (--select-metric).
 
 set -euo pipefail
 
@@ -37,6 +39,8 @@ knobs=(
   lora_rank lora_alpha use_dora lora_dropout lora_target_modules lora_init use_rslora
   train_text_encoder base_lr num_iters valid_interval save_every_n log_interval
   forgetting_manifest wandb_project train_extra_args
+  replay_manifest replay_ratio replay_tokenizer replay_lang kd_weight kd_on
+  trainable_modules freeze_modules select_metric
   lora_scale text prompt_wav prompt_text test_list res_dir infer_extra_args
   onnx_dir onnx_int8
 )
@@ -93,6 +97,16 @@ valid_interval=${valid_interval:-500}
 save_every_n=${save_every_n:-2000}
 log_interval=${log_interval:-50}
 forgetting_manifest=${forgetting_manifest:-}  # cuts of the pretraining domain, to watch forgetting
+# Against forgetting (docs/lora.md, "Keeping the base model's voice"); empty/0 = off.
+replay_manifest=${replay_manifest:-}  # pretraining-domain cuts with fbank features, mixed in
+replay_ratio=${replay_ratio:-0.1}     # share of each batch's duration that is replay
+replay_tokenizer=${replay_tokenizer:-emilia}  # the base model's tokenizer, for replay text
+replay_lang=${replay_lang:-en-us}     # espeak language, with replay_tokenizer=espeak
+kd_weight=${kd_weight:-0}             # distillation from the start model (0: off)
+kd_on=${kd_on:-replay}                # replay, prompt or all
+trainable_modules=${trainable_modules:-}  # fnmatch patterns: only these parameters train
+freeze_modules=${freeze_modules:-}    # fnmatch patterns: these parameters stay frozen
+select_metric=${select_metric:-}      # e.g. valid_loss+0.5*forgetting_loss: keeps $exp_dir/best/
 wandb_project=${wandb_project:-}
 train_extra_args=${train_extra_args:-}        # more train_zipvoice flags, split on spaces
 
@@ -220,13 +234,14 @@ fetch_from_hub() {
     return 0
   fi
   log "downloading $filename from $repo into $dest_root"
+  # zipvoice.utils.hub: no retries for a minute when offline, one message naming the file.
   "$python" -c 'import sys
-from huggingface_hub import hf_hub_download
+from zipvoice.utils.hub import hub_file
 try:
-    hf_hub_download(repo_id=sys.argv[1], filename=sys.argv[2], local_dir=sys.argv[3])
-except Exception as err:
-    sys.exit(f"{type(err).__name__}: {err}")' \
-    "$repo" "$filename" "$dest_root" ||
+    hub_file(sys.argv[1], sys.argv[2], instead=f"place it at {sys.argv[4]}", local_dir=sys.argv[3])
+except (OSError, ValueError) as err:
+    sys.exit(f"error: {err}")' \
+    "$repo" "$filename" "$dest_root" "$dest" ||
     die "download of $repo/$filename failed; without a network, place the file at $dest"
 }
 
@@ -346,6 +361,14 @@ if run_stage 5; then
   log "Stage 5: LoRA/DoRA fine-tuning into $exp_dir (rerunning resumes)"
   optional_args=()
   [ -n "$forgetting_manifest" ] && optional_args+=(--forgetting-manifest "$forgetting_manifest")
+  if [ -n "$replay_manifest" ]; then
+    optional_args+=(--replay-manifest "$replay_manifest" --replay-ratio "$replay_ratio"
+      --replay-tokenizer "$replay_tokenizer" --replay-lang "$replay_lang")
+  fi
+  optional_args+=(--kd-weight "$kd_weight" --kd-on "$kd_on")
+  [ -n "$trainable_modules" ] && optional_args+=(--trainable-modules "$trainable_modules")
+  [ -n "$freeze_modules" ] && optional_args+=(--freeze-modules "$freeze_modules")
+  [ -n "$select_metric" ] && optional_args+=(--select-metric "$select_metric")
   # shellcheck disable=SC2206  # extra flags are meant to be split on spaces
   extra=($train_extra_args)
   "$python" -m zipvoice.bin.train_zipvoice \

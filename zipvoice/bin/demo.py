@@ -21,13 +21,13 @@ import argparse
 import sys
 
 from zipvoice.demo.pipeline import DemoSettings, run_demo
-from zipvoice.utils.cli import exit_on_error, setup_logging
+from zipvoice.utils.cli import HelpFormatter, exit_on_error, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
+        formatter_class=HelpFormatter,
     )
     d = DemoSettings()
     parser.add_argument("--out-dir", default=d.out_dir, help="Everything the demo makes goes here.")

@@ -25,6 +25,7 @@ from zipvoice.inference.flags import (
     synthesizer_from_args,
 )
 from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging
+from zipvoice.utils.validate import resolve_device
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,10 @@ def get_parser() -> argparse.ArgumentParser:
         parser, merge_lora_help="Merge the adapter into the weights (no extra inference cost)."
     )
     parser.add_argument(
-        "--vocoder-path", default=None, help="Vocos folder (config.yaml + weights); hub if omitted."
+        "--vocoder-path",
+        default=None,
+        help="Vocos folder (config.yaml + pytorch_model.bin); downloaded from the hub if omitted; "
+        "'griffin-lim' needs no download (offline, lower quality).",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ...; default: best found.")
     add_generation_arguments(parser)
@@ -48,13 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
     check_io_arguments(args)
-    import torch  # after parsing: --help stays quick
-
     from zipvoice.inference.torch_backend import model_kind, torch_sampler, torch_vocoder
     from zipvoice.utils.resources import apply_num_threads
 
     apply_num_threads(args.num_thread)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, token_file, meta = load_model_from_args(args)
     model.to(device)
     resolve_sampling_defaults(args, model_kind(model))

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Export ZipVoice / ZipVoice-Distill to ONNX, with a trained adapter merged in.
+"""Export ZipVoice / ZipVoice-Distill to ONNX in upstream's file contract, a trained adapter
+merged in.
 
     python -m zipvoice.bin.onnx_export --model-dir exp/zipvoice --checkpoint-name model.pt \
-        --lora-path exp/ft/adapter --onnx-model-dir exp/onnx --int8 1 --vocoder-path vocos/
+        --lora-path exp/ft/adapter --onnx-model-dir exp/onnx
 
-Writes text_encoder.onnx, fm_decoder.onnx (+ *_int8.onnx), optionally vocoder.onnx, and
-tokens.txt; run them with `python -m zipvoice.bin.infer_zipvoice_onnx`.
+Writes text_encoder.onnx, fm_decoder.onnx, their *_int8.onnx copies, model.json and
+tokens.txt, which upstream's ONNX inference and sherpa-onnx read as they are; with
+--lora-t-range also fm_decoder_base.onnx (the decoder without the adapter, for time gating),
+with --vocoder-path also vocoder.onnx. Run them with `python -m zipvoice.bin.infer_zipvoice_onnx`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ def get_parser() -> argparse.ArgumentParser:
         parser, merge_lora_help="Must stay 1: an unmerged adapter cannot be exported."
     )
     parser.add_argument(
-        "--int8", type=str2bool, default=False, help="Also write dynamically int8-quantised copies."
+        "--int8",
+        type=str2bool,
+        default=True,
+        help="Also write the dynamically int8-quantised copies *_int8.onnx (as upstream does).",
     )
     parser.add_argument(
         "--vocoder-path", default=None, help="Vocos folder to export as vocoder.onnx as well."

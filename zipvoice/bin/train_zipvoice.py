@@ -27,9 +27,11 @@ from zipvoice.dataset.config import add_data_arguments
 from zipvoice.models.modules.lora_config import LORA_INITS, PRESETS
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.training.config import (
+    KD_REGIONS,
     LR_SCHEDULES,
     OPTIMIZERS,
     AdapterConfig,
+    EvalConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
@@ -37,6 +39,7 @@ from zipvoice.training.config import (
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
 
 MODEL, LORA, OPTIM, RUN = ModelConfig(), AdapterConfig().lora, OptimConfig(), RunConfig()
+EVAL = EvalConfig()
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +147,60 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     # fmt: on
 
 
+def _add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "against forgetting",
+        "Distillation, partial freezing and best-checkpoint selection (docs/lora.md); replay "
+        "is with the data flags (--replay-manifest).",
+    )
+    add = group.add_argument
+    # fmt: off
+    add("--kd-weight", type=float, default=MODEL.kd_weight,
+        help="weight of the distillation term: mean squared distance between the trained and "
+        "the start model's velocity on the --kd-on region (0: off)")
+    add("--kd-on", type=str, default=MODEL.kd_on, choices=KD_REGIONS,
+        help="distillation region: replay (replay cuts' generated span), prompt (also the "
+        "fine-tuning cuts' prompt frames), all (every frame)")
+    add("--trainable-modules", type=str, default=MODEL.trainable_modules,
+        help="comma-separated fnmatch patterns over parameter/module names: only matching "
+        "parameters train (e.g. 'fm_decoder.encoders.4,embed')")
+    add("--freeze-modules", type=str, default=MODEL.freeze_modules,
+        help="comma-separated fnmatch patterns over parameter/module names that stay frozen "
+        "(e.g. 'fm_decoder')")
+    add("--select-metric", type=str, default=RUN.select_metric,
+        help="keep exp-dir/best/ at the validation with the lowest weighted sum of valid_loss, "
+        "forgetting_loss (needs --forgetting-manifest) and --eval-list metrics, e.g. "
+        "'valid_loss+0.5*forgetting_loss-2*sim'")
+    # fmt: on
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "evaluation",
+        "Synthesise and score a few sentences at each validation (docs/lora.md).",
+    )
+    add = group.add_argument
+    # fmt: off
+    add("--eval-list", type=str, default=EVAL.eval_list,
+        help="TSV name<TAB>prompt_text<TAB>prompt_wav<TAB>text (the inference list; include "
+        "speakers not in the training set): synthesised at each validation, written to "
+        "exp-dir/eval/step-N/ and scored; off when not given")
+    add("--eval-num-step", type=int, default=EVAL.eval_num_step,
+        help="sampling steps for the eval list")
+    add("--eval-guidance-scale", type=float, default=EVAL.eval_guidance_scale,
+        help="guidance scale for the eval list (None: 1.0, distill 3.0, as inference)")
+    add("--eval-vocoder", type=str, default=EVAL.eval_vocoder,
+        help="'griffin-lim' (offline, no weights), a Vocos folder (config.yaml + weights), or "
+        "a hub repo id such as charactr/vocos-mel-24khz (downloaded once)")
+    add("--eval-ref-dir", type=str, default=EVAL.eval_ref_dir,
+        help="folder of ground-truth recordings NAME.wav of the eval texts: adds F0 match "
+        "(f0_corr, f0_rmse, vuv_error)")
+    add("--eval-metrics", type=str, default=EVAL.eval_metrics,
+        help="comma-separated offline metrics (zipvoice.eval.registry), or auto: sim and "
+        "dnsmos, accent_probe on probe sentences, F0 match with --eval-ref-dir")
+    # fmt: on
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -154,6 +211,8 @@ def get_parser() -> argparse.ArgumentParser:
     _add_adapter_arguments(parser)
     _add_optim_arguments(parser)
     _add_run_arguments(parser)
+    _add_forgetting_arguments(parser)
+    _add_eval_arguments(parser)
     return parser
 
 

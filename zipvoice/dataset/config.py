@@ -39,6 +39,11 @@ class DataConfig:
     min_len: float = 1.0
     max_len: float = 30.0
     forgetting_manifest: str | None = None
+    # Replay of the pretraining domain (zipvoice.dataset.replay, docs/lora.md).
+    replay_manifest: str | None = None
+    replay_ratio: float = 0.1
+    replay_tokenizer: str = "emilia"
+    replay_lang: str = "en-us"
 
 
 DEFAULTS = DataConfig()
@@ -83,4 +88,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     add("--forgetting-manifest", type=str, default=d.forgetting_manifest,
         help="Cuts of the pretraining domain: training logs a second dev loss on them, to "
         "watch forgetting.")
+    add("--replay-manifest", type=str, default=d.replay_manifest,
+        help="Cuts of the pretraining domain (with precomputed features) mixed into every "
+        "training batch, against forgetting (docs/lora.md).")
+    add("--replay-ratio", type=float, default=d.replay_ratio,
+        help="Share of each batch's duration taken by --replay-manifest cuts (0 < r < 1).")
+    add("--replay-tokenizer", type=str, default=d.replay_tokenizer,
+        help="Tokenizer of the base model, for replay cuts without stored tokens (their token "
+        "strings are mapped through --token-file, which extends the base vocabulary).")
+    add("--replay-lang", type=str, default=d.replay_lang,
+        help="espeak language of --replay-tokenizer espeak.")
     # fmt: on

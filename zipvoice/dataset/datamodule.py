@@ -247,7 +247,9 @@ class TtsDataModule:
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def _sampler_plan(self, cuts: CutSet, num_buckets: int, drop_last: bool) -> tuple[int, bool]:
+    def _sampler_plan(
+        self, cuts: CutSet, num_buckets: int, drop_last: bool, max_duration: float | None = None
+    ) -> tuple[int, bool]:
         """(buckets, drop_last) that still yield batches on a small eager CutSet.
 
         Each bucket drops its own incomplete last batch, so upstream's defaults (30 buckets,
@@ -259,7 +261,7 @@ class TtsDataModule:
         if _num_cuts(cuts) is None:
             return num_buckets, drop_last
         total = sum(c.duration for c in cuts)
-        max_duration = self.args.max_duration
+        max_duration = self.args.max_duration if max_duration is None else max_duration
         fitting = (
             int(total // (max_duration * MIN_BATCHES_PER_BUCKET)) if drop_last else num_buckets
         )
@@ -286,35 +288,56 @@ class TtsDataModule:
             drop_last = False
         return buckets, drop_last
 
-    def _sampler(self, cuts: CutSet, shuffle: bool, drop_last: bool, buckets: int, seed: int):
-        args = self.args
+    def _sampler(
+        self,
+        cuts: CutSet,
+        shuffle: bool,
+        drop_last: bool,
+        buckets: int,
+        seed: int,
+        max_duration: float | None = None,
+        buffer_size: int | None = None,
+    ):
+        max_duration = self.args.max_duration if max_duration is None else max_duration
         if buckets >= 2:
             with warnings.catch_warnings():
                 # Eager sets are the norm for fine-tuning corpora; lhotse's advice is moot.
                 warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
                 return DynamicBucketingSampler(
                     cuts,
-                    max_duration=args.max_duration,
+                    max_duration=max_duration,
                     shuffle=shuffle,
                     num_buckets=buckets,
                     # upstream's buffer + shuffle buffer (lhotse has merged the two)
-                    buffer_size=buckets * 7000,
+                    buffer_size=buffer_size or buckets * 7000,
                     drop_last=drop_last,
                     seed=seed,
                 )
         return SimpleCutSampler(
-            cuts, max_duration=args.max_duration, shuffle=shuffle, drop_last=drop_last, seed=seed
+            cuts, max_duration=max_duration, shuffle=shuffle, drop_last=drop_last, seed=seed
         )
 
     def train_dataloaders(
-        self, cuts_train: CutSet, sampler_state_dict: dict[str, Any] | None = None
+        self,
+        cuts_train: CutSet,
+        sampler_state_dict: dict[str, Any] | None = None,
+        replay_cuts: CutSet | None = None,
     ) -> DataLoader:
-        """Shuffled, duration-bucketed batches of at most --max-duration seconds of audio."""
+        """Shuffled, duration-bucketed batches of at most --max-duration seconds of audio;
+        with `replay_cuts` (zipvoice.dataset.replay) --replay-ratio of each batch's duration
+        is replay."""
         args = self.args
         seed = self.seed
         wanted = args.num_buckets if args.bucketing_sampler else 1
-        buckets, drop_last = self._sampler_plan(cuts_train, wanted, args.drop_last)
-        sampler = self._sampler(cuts_train, args.shuffle, drop_last, buckets, seed)
+        max_duration = args.max_duration
+        if replay_cuts is not None:
+            from zipvoice.dataset.replay import batch_caps, replay_sampler
+
+            max_duration, replay_share = batch_caps(args, cuts_train, replay_cuts)
+        buckets, drop_last = self._sampler_plan(cuts_train, wanted, args.drop_last, max_duration)
+        sampler = self._sampler(cuts_train, args.shuffle, drop_last, buckets, seed, max_duration)
+        if replay_cuts is not None:
+            sampler = replay_sampler(self, sampler, replay_cuts, wanted, replay_share)
         if sampler_state_dict is not None:
             logging.info("Restoring the training sampler's state")
             sampler.load_state_dict(sampler_state_dict)

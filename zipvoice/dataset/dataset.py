@@ -24,9 +24,17 @@ def cut_tokens(cut: Cut) -> list[str] | None:
     return None if tokens is None else list(tokens)
 
 
+REPLAY_KEY = "zipvoice_replay"
+
+
+def is_replay_cut(cut: Cut) -> bool:
+    """Marked by zipvoice.dataset.replay when it loads --replay-manifest."""
+    return bool((cut.custom or {}).get(REPLAY_KEY))
+
+
 class SpeechSynthesisDataset(torch.utils.data.Dataset):
     """Collates cuts into {"features" (B, T, 100), "features_lens" (B,), "tokens", "text",
-    "cut_ids"}, plus "cut" / "audio", "audio_lens" on request.
+    "cut_ids", "replay" (B,) bool}, plus "cut" / "audio", "audio_lens" on request.
 
     Args:
       feature_input_strategy: `PrecomputedFeatures()` (default) reads compute_fbank's output;
@@ -120,6 +128,8 @@ class SpeechSynthesisDataset(torch.utils.data.Dataset):
             "tokens": self._tokens(cut_list),
             "text": [cut.supervisions[0].text for cut in cut_list],
             "cut_ids": [cut.id for cut in cut_list],
+            # Which cuts are replay of the pretraining domain (zipvoice.dataset.replay).
+            "replay": torch.tensor([is_replay_cut(cut) for cut in cut_list], dtype=torch.bool),
         }
         if self.return_audio:
             audio, audio_lens = collate_audio(cuts)

@@ -2,6 +2,9 @@
 
 Features are computed in worker processes over chunks of the cut list; each chunk writes its
 own archive, so workers never share a file, and the manifest is written only once all are done.
+A rerun (--overwrite) writes archives under new names beside the old ones and removes the old
+ones only after the new manifest is in place: a rerun that fails leaves the previous features
+and manifest whole.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import math
 import multiprocessing
 import os
+import secrets
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -123,41 +127,53 @@ def compute_fbank(
 
     storage_dir = dest_dir / f"{prefix}_feats_{subset}"
     storage_dir.mkdir(parents=True, exist_ok=True)
-    # Archives here belong to this prefix/subset only; no manifest refers to leftovers.
+    run = f"feats-{secrets.token_hex(4)}-"  # this run's archives; older ones stay until done
+    try:
+        with_feats = _compute_all(cuts, storage_dir, run, num_jobs, progress, source)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest_atomically(CutSet.from_cuts(with_feats), output)
+    except BaseException:
+        for partial in storage_dir.glob(f"{run}*"):
+            partial.unlink()
+        raise
+    # Archives here belong to this prefix/subset only; the new manifest refers to none of these.
     for stale in storage_dir.glob("feats-*.lca"):
-        stale.unlink()
+        if not stale.name.startswith(run):
+            stale.unlink()
+    logger.info("Wrote %d cuts with features to %s", len(with_feats), output)
+    return output
 
+
+def _compute_all(
+    cuts: list[Cut], storage_dir: Path, run: str, num_jobs: int, progress: bool, source: Path
+) -> list[Cut]:
+    """Features for every cut, in input order, in `num_jobs` processes (a worker only pays
+    for its start-up with at least MIN_CUTS_PER_JOB cuts)."""
+    if num_jobs < 1:
+        raise ValueError(f"--num-jobs must be >= 1, got {num_jobs}")
     num_jobs = max(1, min(num_jobs, math.ceil(len(cuts) / MIN_CUTS_PER_JOB)))
     logger.info("Computing features for %d cuts of %s with %d job(s)", len(cuts), source, num_jobs)
     if num_jobs == 1:
-        with_feats = _compute_chunk(cuts, str(storage_dir / "feats-0000"), progress=progress)
-    else:
-        num_chunks = min(len(cuts), num_jobs * CHUNKS_PER_JOB)
-        chunks = [cuts[i::num_chunks] for i in range(num_chunks)]
-        results: dict[int, list[Cut]] = {}
-        with (
-            ProcessPoolExecutor(
-                num_jobs, mp_context=_pool_context(), initializer=ignore_interrupts
-            ) as pool,
-            tqdm(
-                total=len(cuts), desc="Computing features", unit="cut", disable=not progress
-            ) as bar,
-        ):
-            futures = {
-                pool.submit(_compute_chunk, chunk, str(storage_dir / f"feats-{i:04d}")): i
-                for i, chunk in enumerate(chunks)
-            }
-            try:
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update(len(results[futures[future]]))
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)  # do not wait for queued chunks
-                raise
-        by_id = {c.id: c for chunk in results.values() for c in chunk}
-        with_feats = [by_id[c.id] for c in cuts]
-
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest_atomically(CutSet.from_cuts(with_feats), output)
-    logger.info("Wrote %d cuts with features to %s", len(with_feats), output)
-    return output
+        return _compute_chunk(cuts, str(storage_dir / f"{run}0000"), progress=progress)
+    num_chunks = min(len(cuts), num_jobs * CHUNKS_PER_JOB)
+    chunks = [cuts[i::num_chunks] for i in range(num_chunks)]
+    results: dict[int, list[Cut]] = {}
+    with (
+        ProcessPoolExecutor(
+            num_jobs, mp_context=_pool_context(), initializer=ignore_interrupts
+        ) as pool,
+        tqdm(total=len(cuts), desc="Computing features", unit="cut", disable=not progress) as bar,
+    ):
+        futures = {
+            pool.submit(_compute_chunk, chunk, str(storage_dir / f"{run}{i:04d}")): i
+            for i, chunk in enumerate(chunks)
+        }
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(len(results[futures[future]]))
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # do not wait for queued chunks
+            raise
+    by_id = {c.id: c for chunk in results.values() for c in chunk}
+    return [by_id[c.id] for c in cuts]

@@ -148,6 +148,9 @@ def read_tsv_rows(tsv_path: Path) -> tuple[list[TsvRow], list[RejectedRow]]:
             if line_no == 1:
                 raw = raw.removeprefix("\ufeff")
             raw = raw.rstrip("\r\n")
+            if "\x00" in raw:
+                rejected.append(RejectedRow(line_no, "NUL byte (binary or UTF-16 file?)", raw))
+                continue
             if not raw.strip():
                 continue  # blank lines carry no utterance
             cols = [c.strip() for c in raw.split("\t")]

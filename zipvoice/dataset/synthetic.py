@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from zipvoice.utils.fileio import atomic_write_text
+from zipvoice.utils.validate import read_text_lines
 
 if TYPE_CHECKING:  # numpy, soxr, torch are imported where used: generate_japanese_corpus --help
     import numpy as np
@@ -101,7 +102,7 @@ def load_sentences(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"sentence list not found: {path}")
     sentences = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for _, line in read_text_lines(path, what="sentence list"):  # BOM, encodings named
         line = line.strip()
         if line and not line.startswith("#"):
             sentences.append(line)

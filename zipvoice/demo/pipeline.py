@@ -360,7 +360,7 @@ def _speak_onnx(s: DemoSettings, onnx_dir: Path, prompt, wav: Path) -> None:
 
     print("\n== 8. Synthesise again with onnxruntime", flush=True)
     prompt_wav, prompt_text = prompt
-    _show("zipvoice.bin.infer_zipvoice_onnx", ["--onnx-model-dir", onnx_dir, "--vocoder-path",
+    _show("zipvoice.bin.infer_zipvoice_onnx", ["--model-dir", onnx_dir, "--vocoder-path",
           s.vocoder_path, "--prompt-wav", prompt_wav, "--prompt-text", prompt_text, "--text",
           s.text, "--res-wav-path", wav, "--seed", 0])  # fmt: skip
     fix_random_seed(0)

@@ -11,6 +11,14 @@ from typing import TYPE_CHECKING, Any
 from zipvoice.inference.common import MODEL_DEFAULTS, InferenceError
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.utils.cli import str2bool
+from zipvoice.utils.validate import (
+    assert_not_input,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 if TYPE_CHECKING:  # building a parser (--help) must not import torch, lhotse or PEFT
     from torch import nn
@@ -35,11 +43,33 @@ def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -
     )
     parser.add_argument(
         "--lora-scale",
-        type=float,
+        type=finite_float,
         default=1.0,
-        help="Adapter strength: 0 = base model, 1 = as trained.",
+        help="Adapter strength s: each adapted weight is W0 + s*(W_merged - W0) (merged or not, "
+        "LoRA or DoRA); 0 = base decoder, 1 = as trained.",
     )
     parser.add_argument("--merge-lora", type=str2bool, default=True, help=merge_lora_help)
+    add_t_range_argument(parser)
+
+
+def add_t_range_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora-t-range",
+        type=t_range_arg,
+        default=None,
+        help="A,B: apply the adapter only on ODE steps whose start time t (after t-shift) has "
+        "A <= t < B, the base decoder elsewhere (0,1 = always, A,A = never). Default: always.",
+    )
+
+
+def t_range_arg(text: str) -> tuple[float, float]:
+    """argparse type for --lora-t-range: a bad value is argparse's one-line error."""
+    from zipvoice.models.modules.time_gate import TimeGateError, parse_t_range
+
+    try:
+        return parse_t_range(text)
+    except TimeGateError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[nn.Module, Path, dict[str, Any]]:
@@ -53,6 +83,7 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[nn.Module, Path, dic
         lora_path=args.lora_path,
         lora_scale=args.lora_scale,
         merge_lora=args.merge_lora,
+        lora_t_range=args.lora_t_range,
     )
 
 
@@ -85,42 +116,48 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         default=None,
         help="Classifier-free guidance scale; default 1.0, distill 3.0.",
     )
     parser.add_argument(
-        "--num-step", type=int, default=None, help="Sampling steps; default 16, distill 8."
+        "--num-step", type=positive_int, default=None, help="Sampling steps; default 16, distill 8."
     )
     parser.add_argument(
         "--feat-scale",
-        type=float,
+        type=positive_float,
         default=0.1,
         help="Scale of the log-mel features the model sees.",
     )
-    parser.add_argument("--speed", type=float, default=1.0, help="Speech speed; > 1 speeds up.")
     parser.add_argument(
-        "--t-shift", type=float, default=0.5, help="Shift the time points to smaller t if < 1."
+        "--speed", type=positive_float, default=1.0, help="Speech speed; > 1 speeds up."
+    )
+    parser.add_argument(
+        "--t-shift",
+        type=positive_float,
+        default=0.5,
+        help="Shift the time points to smaller t if < 1.",
     )
     parser.add_argument(
         "--target-rms",
-        type=float,
+        type=non_negative_float,
         default=0.1,
-        help="Raise quieter prompts to this RMS (0 disables).",
+        help="Raise quieter prompts to this RMS; the output comes at this RMS (a quieter "
+        "prompt's own level), peak-limited, never clipped (0: no level change).",
     )
     parser.add_argument("--seed", type=int, default=666, help="Random seed.")
     parser.add_argument(
         "--num-thread",
         "--num-threads",
         dest="num_thread",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="CPU intra-op threads (0: the cores from the CPU affinity, or OMP_NUM_THREADS "
         "when set).",
     )
     parser.add_argument(
         "--max-duration",
-        type=float,
+        type=positive_float,
         default=100.0,
         help="Seconds of prompt + speech per batch of chunks.",
     )
@@ -141,7 +178,8 @@ def check_io_arguments(args: argparse.Namespace) -> None:
         raise InferenceError(
             "give --prompt-wav, --prompt-text and --text (or --test-list for many sentences)"
         )
-    for name in ("num_step",):
+    assert_not_input(args.res_wav_path, {"--prompt-wav": args.prompt_wav}, "--res-wav-path")
+    for name in ("num_step",):  # --num-thread 0 means automatic; its type refuses negatives
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise InferenceError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

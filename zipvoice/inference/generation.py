@@ -26,7 +26,13 @@ from zipvoice.inference.chunking import (
 )
 from zipvoice.inference.common import SAMPLING_RATE, InferenceError
 from zipvoice.inference.prompt import Prompt, prepare_prompt
-from zipvoice.utils.audio import save_wav
+from zipvoice.utils.audio import normalize_loudness, save_wav
+from zipvoice.utils.validate import (
+    assert_not_input,
+    check_fields_not_empty,
+    read_text_lines,
+    warn_if_transcript_mismatch,
+)
 
 # (token ids per chunk, prompt token ids, prompt features (T, F)) -> mel (F, T_i) per chunk
 SampleFn = Callable[[list[list[int]], list[int], np.ndarray], list[np.ndarray]]
@@ -63,14 +69,19 @@ def generate_wave(
     max_duration: float = 100.0,
     remove_long_sil: bool = False,
     sr: int = SAMPLING_RATE,
+    target_rms: float = 0.1,
 ) -> tuple[np.ndarray, GenerationStats]:
-    """Synthesise ``text`` in the prompt's voice: chunk, batch, sample, vocode, join."""
+    """Synthesise ``text`` in the prompt's voice: chunk, batch, sample, vocode, join.
+
+    The result is at ``target_rms`` (at a quieter prompt's own level, as the reference tool
+    returns it; 0: the model's level), peak-limited below full scale instead of clipped."""
     if speed <= 0:
         raise InferenceError(f"speed must be positive, got {speed}")
     tokens = text_to_tokens(add_punctuation(text))
     if not tokens:
         raise InferenceError(f"text {text!r} gives no tokens")
     token_duration = prompt.duration / (len(prompt.tokens) * speed)
+    warn_if_transcript_mismatch(prompt.duration, len(prompt.tokens))
     max_tokens = max(1, int((MAX_CHUNK_SECONDS - prompt.duration) / token_duration))
     chunks = chunk_tokens_punctuation(tokens, max_tokens=max_tokens)
     chunk_ids = tokens_to_ids(chunks)
@@ -89,14 +100,14 @@ def generate_wave(
         stats.seconds_model += time.perf_counter() - start
         start = time.perf_counter()
         for mel in mels:
-            wave = np.clip(vocode(mel / feat_scale), -1.0, 1.0)
-            waves_sorted.append(wave / prompt.rms_scale)
+            waves_sorted.append(vocode(mel / feat_scale))
         stats.seconds_vocoder += time.perf_counter() - start
     waves: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(waves_sorted)
     for position, original in enumerate(order):
         waves[original] = waves_sorted[position]
     wave = cross_fade_concat(waves, sr=sr)
     wave = remove_silence(wave, sr, only_edge=not remove_long_sil)
+    wave = normalize_loudness(wave, target_rms / prompt.rms_scale, sr=sr)
     stats.seconds_audio = wave.shape[-1] / sr
     return wave, stats
 
@@ -113,19 +124,20 @@ def read_test_list(path: str | os.PathLike) -> list[TestItem]:
     """``name<TAB>prompt_text<TAB>prompt_wav<TAB>text`` per line; blank lines are skipped.
     A relative prompt_wav is taken relative to the list's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"test list {path} not found")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in read_text_lines(path, what="test list"):
         if not line.strip():
             continue
-        fields = line.rstrip("\r\n").split("\t")
+        fields = line.split("\t")
         if len(fields) != 4:
             raise InferenceError(
                 f"{path}:{number}: expected 4 tab-separated fields "
                 f"(name, prompt_text, prompt_wav, text), got {len(fields)}"
             )
         name, prompt_text, prompt_wav, text = fields
+        check_fields_not_empty(
+            path, number, {"prompt_text": prompt_text, "prompt_wav": prompt_wav, "text": text}
+        )
         if not name or "/" in name or name in (".", ".."):
             raise InferenceError(f"{path}:{number}: bad output name {name!r}")
         wav = Path(prompt_wav)
@@ -177,6 +189,7 @@ class Synthesizer:
             feat_scale=self.feat_scale,
             max_duration=self.max_duration,
             remove_long_sil=self.remove_long_sil,
+            target_rms=self.target_rms,
         )
 
     def synthesize_to_file(
@@ -196,6 +209,10 @@ class Synthesizer:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise InferenceError(f"{test_list}: duplicate names {duplicates}")
+        prompts = {f"prompt_wav of {item.name!r}": item.prompt_wav for item in items}
+        for item in items:
+            out = Path(res_dir) / f"{item.name}.wav"
+            assert_not_input(out, {**prompts, "--test-list": test_list}, f"output of {item.name!r}")
         total = GenerationStats()
         for index, item in enumerate(items):
             stats = self.synthesize_to_file(

@@ -62,12 +62,14 @@ def load_model_for_inference(
     lora_scale: float = 1.0,
     merge_lora: bool = True,
     token_file: str | Path | None = None,
+    lora_t_range: tuple[float, float] | None = None,
 ) -> tuple[nn.Module, Path, dict[str, Any]]:
     """Load a released model, optionally apply an adapter folder (fingerprint-checked).
 
     Returns (eval-mode model, token file to use, adapter metadata or {}). With an adapter the
     adapter's own tokens.txt is used (it may extend the vocabulary), unless ``token_file`` is
-    given.
+    given. ``lora_t_range`` (A, B) gates the decoder adapter to flow times A <= t < B
+    (`zipvoice.models.modules.time_gate`); the gate is then ``model.time_gate``.
     """
     from zipvoice.models.modules.adapter_folder import TOKENS_FILE, load_adapter, read_adapter_meta
 
@@ -87,16 +89,28 @@ def load_model_for_inference(
             checkpoint_path,
             model_kind(model),
         )
+    if lora_t_range is not None and lora_path is None:
+        raise ValueError("--lora-t-range gates an adapter: give --lora-path too")
     if lora_path is not None:
+        base_weights: dict[str, torch.Tensor] | None = {} if lora_t_range and merge_lora else None
         model = load_adapter(
             model,
             lora_path,
             base_state_dict_fingerprint=fingerprint,
             scale=lora_scale,
             merge=merge_lora,
+            base_weights=base_weights,
         )
         if token_file is not None:
             token_path = Path(token_file)
+        if lora_t_range is not None:
+            from zipvoice.models.modules.time_gate import TimeGate
+
+            model.time_gate = TimeGate(model.fm_decoder, base_weights, lora_t_range)
+    from zipvoice.tokenizer.token_file import check_tokens_fit_embedding
+
+    source = lora_path if lora_path is not None else checkpoint_path
+    check_tokens_fit_embedding(token_path, int(model.embed.weight.shape[0]), source)
     model.eval()
     return model, token_path, meta
 

@@ -9,11 +9,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from zipvoice.models.zipvoice import ZipVoice
 from zipvoice.models.zipvoice_distill import ZipVoiceDistill
 from zipvoice.tokenizer.token_file import PAD_TOKEN, read_token_file
 from zipvoice.utils.checkpoint import load_checkpoint_state, load_model_state
 from zipvoice.utils.manifest import verify_folder
+from zipvoice.utils.validate import check_finite_tensors, check_fits_in_memory
 
 HUB_REPO_ID = "k2-fsa/ZipVoice"
 MODEL_NAMES = ("zipvoice", "zipvoice_distill")
@@ -51,9 +54,12 @@ def build_model(
         raise ModelConfigError(f"bad vocabulary: vocab_size={vocab_size}, pad_id={pad_id}")
     cls = ZipVoiceDistill if distill else ZipVoice
     try:
-        return cls(**dict(config), vocab_size=vocab_size, pad_id=pad_id)
+        model = cls(**dict(config), vocab_size=vocab_size, pad_id=pad_id)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelConfigError(f"model.json: invalid model configuration: {exc}") from exc
+    # The constructor arguments travel with the model, for exports that write model.json.
+    model.model_config = {"model": dict(config)}
+    return model
 
 
 def resolve_model_dir(
@@ -63,9 +69,9 @@ def resolve_model_dir(
 ) -> Path:
     """The folder holding the checkpoint (model.pt), model.json and tokens.txt.
 
-    Given ``model_dir``, checks that the files are there. Otherwise downloads
-    ``{model_name}/{file}`` from the hub repository k2-fsa/ZipVoice (cached by
-    huggingface_hub) and returns the folder they landed in.
+    Given ``model_dir``, checks that the files are there. Otherwise takes
+    ``{model_name}/{file}`` of the hub repository k2-fsa/ZipVoice from the hub cache, or
+    downloads it; offline, fails at once naming the file (`zipvoice.utils.hub`).
     """
     files = (checkpoint_name, "model.json", "tokens.txt")
     if model_dir is not None:
@@ -80,12 +86,13 @@ def resolve_model_dir(
         return folder
     if model_name not in MODEL_NAMES:
         raise ValueError(f"model_name must be one of {MODEL_NAMES}, got {model_name!r}")
-    from huggingface_hub import hf_hub_download
+    from zipvoice.utils.hub import hub_files
 
-    paths = [
-        Path(hf_hub_download(repo_id=HUB_REPO_ID, filename=f"{model_name}/{name}"))
-        for name in files
-    ]
+    instead = (
+        f"download {', '.join(files)} from {HUB_REPO_ID} (folder {model_name}/) into one "
+        "folder and pass it as --model-dir, or run once with network to fill the hub cache"
+    )
+    paths = hub_files(HUB_REPO_ID, [f"{model_name}/{name}" for name in files], instead=instead)
     return paths[0].parent
 
 
@@ -124,7 +131,9 @@ def load_pretrained(
     token2id = read_token_file(token_path)
     vocab_size = len(token2id)
     pad_id = token2id[PAD_TOKEN]
+    check_model_config(config["model"], vocab_size, pad_id, source=str(folder / "model.json"))
     state = load_checkpoint_state(checkpoint_path)
+    check_finite_tensors(state, checkpoint_path)
     # The checkpoint itself says which model it is: only the distilled one embeds the
     # guidance scale.
     distill = "fm_decoder.guidance_scale_embed.weight" in state
@@ -132,3 +141,28 @@ def load_pretrained(
     load_model_state(model, state, checkpoint_path, extend_embed=True)
     model.eval()
     return model, config, token_path, checkpoint_path
+
+
+def model_config_bytes(
+    model_config: Mapping[str, Any], vocab_size: int, pad_id: int = 0, source: str = "model.json"
+) -> int:
+    """Bytes of the float32 parameters of the model `model_config` describes, counted on the
+    meta device (nothing allocated). Sizes torch refuses (negative, zero) name `source`."""
+    try:
+        with torch.device("meta"):
+            model = build_model(model_config, vocab_size=vocab_size, pad_id=pad_id)
+    except ModelConfigError as err:
+        raise ModelConfigError(f"{source}: {err}") from None
+    except (RuntimeError, OverflowError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelConfigError(f"{source}: sizes that cannot make a model ({first})") from None
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def check_model_config(
+    model_config: Mapping[str, Any], vocab_size: int, pad_id: int = 0, source: str = "model.json"
+) -> int:
+    """`model_config_bytes`, refused when it cannot fit in memory; returns the bytes."""
+    num_bytes = model_config_bytes(model_config, vocab_size, pad_id, source)
+    check_fits_in_memory(num_bytes, f"the model described by {source}")
+    return num_bytes

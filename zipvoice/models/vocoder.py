@@ -258,7 +258,8 @@ def _build(config_path: Path, weights_path: Path) -> Vocos:
 
 
 def load_vocoder(path: str | Path | None = None, repo_id: str = HUB_REPO) -> nn.Module:
-    """A ready (eval-mode) vocoder from a local folder, or from the hub when `path` is None.
+    """A ready (eval-mode) vocoder from a local folder, or from the hub when `path` is None
+    (the hub cache first; offline, an immediate error naming the file and the alternatives).
 
     The folder holds `config.yaml` and `pytorch_model.bin` or `model.safetensors`. The name
     "griffin-lim" gives the training-free `GriffinLimVocoder` (offline demos, tiny models).
@@ -268,10 +269,16 @@ def load_vocoder(path: str | Path | None = None, repo_id: str = HUB_REPO) -> nn.
     if path is not None and str(path) == GRIFFIN_LIM_NAME:
         return GriffinLimVocoder().eval()
     if path is None:
-        from huggingface_hub import hf_hub_download
+        from zipvoice.utils.hub import hub_files
 
-        config_path = Path(hf_hub_download(repo_id=repo_id, filename=CONFIG_NAME))
-        weights_path = Path(hf_hub_download(repo_id=repo_id, filename=WEIGHT_NAMES[0]))
+        instead = (
+            f"download {CONFIG_NAME} and {WEIGHT_NAMES[0]} of {repo_id} into one folder and "
+            f"pass it as --vocoder-path, or use --vocoder-path {GRIFFIN_LIM_NAME} (no download, "
+            "lower quality)"
+        )
+        config_path, weights_path = hub_files(
+            repo_id, [CONFIG_NAME, WEIGHT_NAMES[0]], instead=instead
+        )
         return _build(config_path, weights_path)
 
     folder = Path(path)

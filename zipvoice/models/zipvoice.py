@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,17 @@ def get_tokens_index(features_lens: Tensor, tokens_lens: Tensor, num_frames: int
     n = tokens_lens.unsqueeze(1)
     index = torch.minimum(frames // per_token.clamp(min=1), n)
     return torch.where(per_token > 0, index, n)
+
+
+class FlowMatchingOutputs(NamedTuple):
+    """What one training forward computed: the loss, the predicted and target velocity
+    (B, T, feat_dim), the frames the loss covers (the masked span, no padding) and padding."""
+
+    loss: Tensor
+    velocity: Tensor
+    target: Tensor
+    loss_mask: Tensor
+    padding_mask: Tensor
 
 
 class ZipVoice(nn.Module):
@@ -270,11 +282,14 @@ class ZipVoice(nn.Module):
         noise: Tensor,
         t: Tensor,
         condition_drop_ratio: float = 0.0,
-    ) -> Tensor:
+        return_outputs: bool = False,
+    ) -> Tensor | FlowMatchingOutputs:
         """Flow-matching loss. features, noise: (B, T, feat_dim); t: (B, 1, 1).
 
         The speech condition is the features with a random 70-100 % span zeroed; the loss is
-        the MSE of the velocity over that span only, excluding padding.
+        the MSE of the velocity over that span only, excluding padding. `return_outputs` gives
+        the velocity, target and masks too (per-cut losses and distillation need them; it goes
+        through `forward` so that DDP sees the call).
         """
         text_condition, padding_mask = self.forward_text_train(tokens, features_lens)
         speech_condition_mask = condition_time_mask(
@@ -294,7 +309,10 @@ class ZipVoice(nn.Module):
             padding_mask=padding_mask,
         )
         loss_mask = speech_condition_mask & (~padding_mask)
-        return torch.mean((vt[loss_mask] - ut[loss_mask]) ** 2)
+        loss = torch.mean((vt[loss_mask] - ut[loss_mask]) ** 2)
+        if return_outputs:
+            return FlowMatchingOutputs(loss, vt, ut, loss_mask, padding_mask)
+        return loss
 
     def sample(
         self,

@@ -1,14 +1,18 @@
-"""Export ZipVoice to ONNX: a text encoder, a flow-matching decoder and optionally the vocoder.
+"""Export ZipVoice to ONNX in upstream ZipVoice's file contract, with adapters merged in.
 
-The split follows upstream: `text_encoder.onnx` turns (tokens, prompt tokens, prompt frame
-count, speed) into the frame-level text condition; `fm_decoder.onnx` is the velocity network
-v(t, x, text_condition, speech_condition). Sampling (Euler + classifier-free guidance) stays
-in the caller (numpy), so one decoder graph serves every step count and guidance scale.
+The folder is what upstream's ONNX inference and sherpa-onnx read (docs/lora.md, "ONNX"):
+`text_encoder.onnx` (tokens, prompt_tokens, prompt_features_len, speed -> text_condition),
+`fm_decoder.onnx` (t, x, text_condition, speech_condition, guidance_scale -> v, with
+classifier-free guidance inside the graph), their dynamic-int8 copies `*_int8.onnx`,
+`model.json` and `tokens.txt`, at opset 13 with upstream's metadata keys. This project adds,
+without changing those files' contract: `fm_decoder_base.onnx` (+ int8) for time-gated
+adapters (the base decoder, run by this project's runtime on the steps outside the range;
+upstream's tools ignore it and run the full adapter), `vocoder.onnx` on request, extra
+metadata keys (model type, tokenizer, adapter provenance) and the folder manifest.
 
 Adapters must be merged first: the graphs then hold plain weights and run at the base model's
-cost. The TorchScript exporter (`dynamo=False`) is the default: it handles the decoder's
-dynamic batch and time axes correctly and exports in seconds; `exporter="dynamo"` uses
-torch.export (about ten times slower here, same results).
+cost. The TorchScript exporter (`dynamo=False`) is the default; `exporter="dynamo"` uses
+torch.export, which needs opset 18 (outside upstream's opset 13; onnxruntime reads both).
 """
 
 from __future__ import annotations
@@ -27,17 +31,32 @@ from torch import Tensor, nn
 from zipvoice.models.modules.lora_utils import is_lora_model
 from zipvoice.models.zipvoice import get_tokens_index
 from zipvoice.onnx import EXPORTERS
-from zipvoice.utils.fileio import atomic_copy, atomic_write
+from zipvoice.utils.cli import quiet_info_logs
+from zipvoice.utils.fileio import atomic_copy, atomic_write, atomic_write_json
 from zipvoice.utils.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
 
-OPSET = 17
+OPSET = 13  # upstream's
 EXPORT_FORMAT_VERSION = "1"
 TEXT_ENCODER_FILE = "text_encoder.onnx"
 FM_DECODER_FILE = "fm_decoder.onnx"
+FM_DECODER_BASE_FILE = "fm_decoder_base.onnx"  # time gating: the decoder without the adapter
 VOCODER_FILE = "vocoder.onnx"
 TOKENS_FILE = "tokens.txt"
+MODEL_CONFIG_FILE = "model.json"
+# The graph contract (names in order); tests check the files against these.
+TEXT_ENCODER_INPUTS = ("tokens", "prompt_tokens", "prompt_features_len", "speed")
+TEXT_ENCODER_OUTPUTS = ("text_condition",)
+FM_DECODER_INPUTS = ("t", "x", "text_condition", "speech_condition", "guidance_scale")
+FM_DECODER_OUTPUTS = ("v",)
+AUDIO_METADATA = {
+    "sample_rate": "24000",
+    "n_fft": "1024",
+    "hop_length": "256",
+    "window_length": "1024",
+    "num_mels": "100",
+}
 
 
 class OnnxExportError(ValueError):
@@ -45,10 +64,13 @@ class OnnxExportError(ValueError):
 
 
 class OnnxTextEncoder(nn.Module):
-    """tokens (N, S), prompt_tokens (N, P), prompt_features_len (), speed () ->
-    text_condition (N, T, feat_dim) with T = prompt_len + ceil(prompt_len / P * S / speed).
+    """Upstream's text encoder graph: tokens (N, S), prompt_tokens (N, P), prompt_features_len
+    (), speed () -> text_condition (N, F, feat_dim), prompt region included.
 
-    All rows of a batch share lengths (one prompt, equal-length texts), as upstream's graph.
+    F = ceil(prompt_features_len / P * (P + S) / speed): the prompt's frames-per-token rate
+    applied to all P + S tokens (at speed 1 this equals PyTorch's prompt_len + ceil(...) for
+    the text alone; at other speeds upstream's ONNX scales the prompt region too). Every token
+    gets floor(F / (P + S)) frames and the appended pad position fills the rest.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -56,6 +78,7 @@ class OnnxTextEncoder(nn.Module):
         self.embed = model.embed
         self.text_encoder = model.text_encoder
         self.pad_id = int(model.pad_id)
+        self.feat_dim = int(model.feat_dim)
 
     def forward(
         self, tokens: Tensor, prompt_tokens: Tensor, prompt_features_len: Tensor, speed: Tensor
@@ -67,19 +90,26 @@ class OnnxTextEncoder(nn.Module):
         padding_mask = (positions == num_tokens).unsqueeze(0).expand(batch, -1)
         embed = self.text_encoder(x=self.embed(cat_tokens), t=None, padding_mask=padding_mask)
 
-        prompt_len = prompt_features_len.reshape(1).to(torch.int64)
-        ratio = prompt_len.to(torch.float32) / prompt_tokens.shape[1]
-        text_len = torch.ceil(ratio * tokens.shape[1] / speed.reshape(1).to(torch.float32))
-        features_len = prompt_len + text_len.to(torch.int64)
+        prompt_len = prompt_features_len.reshape(1).to(torch.float32)
+        rate = prompt_len / prompt_tokens.shape[1]
+        features_len = torch.ceil(rate * num_tokens / speed.reshape(1).to(torch.float32))
+        features_len = features_len.to(torch.int64)
         tokens_len = torch.full_like(features_len, num_tokens)
         index = get_tokens_index(features_len, tokens_len, features_len.reshape(()))
-        index = index.expand(batch, -1).unsqueeze(-1).expand(-1, -1, embed.shape[-1])
+        index = index.expand(batch, -1).unsqueeze(-1).expand(-1, -1, self.feat_dim)
         return torch.gather(embed, dim=1, index=index)
 
 
 class OnnxFmDecoder(nn.Module):
-    """t (N,), x, text_condition, speech_condition (N, T, F), padding_mask (N, T) bool
-    [, guidance_scale (N,) for the distilled model] -> velocity (N, T, F)."""
+    """Upstream's decoder graph: t (), x, text_condition, speech_condition (N, F, feat_dim),
+    guidance_scale () -> v (N, F, feat_dim); no padding mask (one length per batch).
+
+    ZipVoice: classifier-free guidance inside the graph. The batch is doubled: the
+    unconditional half has no text condition, and no speech condition either when t > 0.5;
+    the scale is g for t > 0.5 and 2g otherwise; v = (1 + g) v_cond - g v_uncond. The branch
+    is a `where` on t, so one graph serves every step. ZipVoice-Distill: g goes to the
+    guidance-scale embedding and the batch is not doubled.
+    """
 
     def __init__(self, model: nn.Module, distill: bool) -> None:
         super().__init__()
@@ -92,17 +122,27 @@ class OnnxFmDecoder(nn.Module):
         x: Tensor,
         text_condition: Tensor,
         speech_condition: Tensor,
-        padding_mask: Tensor,
-        guidance_scale: Tensor | None = None,
+        guidance_scale: Tensor,
     ) -> Tensor:
-        return self.model.forward_fm_decoder(
-            t=t.reshape(-1, 1, 1),
-            xt=x,
-            text_condition=text_condition,
-            speech_condition=speech_condition,
-            padding_mask=padding_mask,
-            guidance_scale=None if guidance_scale is None else guidance_scale.reshape(-1, 1, 1),
+        if self.distill:
+            return self.model.forward_fm_decoder(
+                t=t, xt=x, text_condition=text_condition, speech_condition=speech_condition,
+                guidance_scale=guidance_scale,
+            )  # fmt: skip
+        late = t > 0.5
+        zeros = torch.zeros_like(speech_condition)
+        v = self.model.forward_fm_decoder(
+            t=t,
+            xt=torch.cat([x, x], dim=0),
+            text_condition=torch.cat([torch.zeros_like(text_condition), text_condition], dim=0),
+            speech_condition=torch.cat(
+                [torch.where(late, zeros, speech_condition), speech_condition], dim=0
+            ),
         )
+        n = x.shape[0]
+        v_uncond, v_cond = v[:n], v[n:]
+        g = torch.where(late, guidance_scale, guidance_scale * 2.0)
+        return (1.0 + g) * v_cond - g * v_uncond
 
 
 class OnnxVocoder(nn.Module):
@@ -186,6 +226,11 @@ def _export(
     atomic_write(path, write)
 
 
+def int8_name(name: str) -> str:
+    """Upstream's name of a graph's dynamic-int8 copy: fm_decoder.onnx -> fm_decoder_int8.onnx."""
+    return name.replace(".onnx", "_int8.onnx")
+
+
 def export_text_encoder(model: nn.Module, path: str | Path, exporter: str = "torchscript") -> Path:
     path = Path(path)
     # Batch 2: torch.export would specialise a size-1 batch to a constant.
@@ -199,12 +244,12 @@ def export_text_encoder(model: nn.Module, path: str | Path, exporter: str = "tor
         OnnxTextEncoder(model),
         args,
         path,
-        ["tokens", "prompt_tokens", "prompt_features_len", "speed"],
-        ["text_condition"],
+        list(TEXT_ENCODER_INPUTS),
+        list(TEXT_ENCODER_OUTPUTS),
         {
-            "tokens": {0: "N", 1: "S"},
-            "prompt_tokens": {0: "N", 1: "P"},
-            "text_condition": {0: "N", 1: "T"},
+            "tokens": {0: "N", 1: "T"},
+            "prompt_tokens": {0: "N", 1: "T_prompt"},
+            "text_condition": {0: "N", 1: "F"},
         },
         exporter,
     )
@@ -218,26 +263,22 @@ def export_fm_decoder(
     feat_dim = int(model.feat_dim)
     batch, frames = 2, 53
     args: tuple[Tensor, ...] = (
-        torch.tensor([0.3, 0.7]),
+        torch.tensor(0.3),
         torch.randn(batch, frames, feat_dim),
         torch.randn(batch, frames, feat_dim),
         torch.randn(batch, frames, feat_dim),
-        torch.zeros(batch, frames, dtype=torch.bool),
+        torch.tensor(1.0),
     )
-    names = ["t", "x", "text_condition", "speech_condition", "padding_mask"]
-    axes: dict[str, dict[int, str]] = {
-        "t": {0: "N"},
-        "x": {0: "N", 1: "T"},
-        "text_condition": {0: "N", 1: "T"},
-        "speech_condition": {0: "N", 1: "T"},
-        "padding_mask": {0: "N", 1: "T"},
-        "v": {0: "N", 1: "T"},
-    }
-    if distill:
-        args = args + (torch.tensor([3.0, 2.0]),)
-        names.append("guidance_scale")
-        axes["guidance_scale"] = {0: "N"}
-    _export(OnnxFmDecoder(model, distill), args, path, names, ["v"], axes, exporter)
+    axes = {name: {0: "N", 1: "F"} for name in FM_DECODER_INPUTS[1:4] + FM_DECODER_OUTPUTS}
+    _export(
+        OnnxFmDecoder(model, distill),
+        args,
+        path,
+        list(FM_DECODER_INPUTS),
+        list(FM_DECODER_OUTPUTS),
+        dict(axes),
+        exporter,
+    )
     return path
 
 
@@ -263,12 +304,13 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     dst = Path(dst)
 
     def write(tmp: Path) -> None:
-        quantize_dynamic(
-            model_input=str(src),
-            model_output=str(tmp),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            weight_type=QuantType.QInt8,
-        )
+        with quiet_info_logs("onnxruntime"):  # one INFO line per tensor otherwise
+            quantize_dynamic(
+                model_input=str(src),
+                model_output=str(tmp),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                weight_type=QuantType.QInt8,
+            )
         add_metadata(tmp, {**read_metadata(src), "quantization": "int8-dynamic"})
 
     atomic_write(dst, write)
@@ -303,6 +345,56 @@ def export_metadata(
     return metadata
 
 
+def _metadata(model: nn.Module, kind: str, extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-graph metadata: upstream's keys first (what sherpa-onnx reads), then what this
+    project's runtime reads (model_type; tokenizer, lang and provenance from `extra`)."""
+    author = "k2-fsa (adapter merged)" if extra.get("lora_merged") == "1" else "k2-fsa"
+    common = {"version": EXPORT_FORMAT_VERSION, "model_author": author}
+    ours = {"model_type": kind, "feat_dim": str(model.feat_dim)}
+    ours.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in extra.items()})
+    text = {**common, "comment": f"{kind} text encoder", "use_espeak": "1", "use_pinyin": "1"}
+    decoder = {**common, "comment": f"{kind} flow-matching decoder", **AUDIO_METADATA}
+    decoder["feat_dim"] = str(model.feat_dim)
+    return {"text_encoder": {**ours, **text}, "fm_decoder": {**ours, **decoder}}
+
+
+def _model_config(model: nn.Module, model_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """model.json for the folder: {"model": constructor arguments, "feature": ...}."""
+    config = model_config if model_config is not None else getattr(model, "model_config", None)
+    if config is None:
+        raise OnnxExportError(
+            "model.json is part of the export: pass model_config (the model folder's "
+            "model.json), or build the model with zipvoice.models.loader.build_model"
+        )
+    config = dict(config)
+    body = config["model"] if "model" in config else config
+    feature = config.get("feature", {"sampling_rate": 24000, "type": "vocos"})
+    return {"model": dict(body), "feature": dict(feature)}
+
+
+def _export_decoders(
+    model: nn.Module, out_dir: Path, distill: bool, exporter: str, meta: dict[str, Any]
+) -> dict[str, Path]:
+    """fm_decoder.onnx (adapter as merged), and for a time-gated model also
+    fm_decoder_base.onnx (the base weights), each from the gate's weight set."""
+    gate = getattr(model, "time_gate", None)
+    written: dict[str, Path] = {}
+    variants = [("fm_decoder", FM_DECODER_FILE, True)]
+    if gate is not None:
+        variants.append(("fm_decoder_base", FM_DECODER_BASE_FILE, False))
+        t_range = ",".join(f"{v:g}" for v in gate.t_range)
+        meta = {**meta, "lora_t_range": t_range}
+    for key, name, adapted in variants:
+        if gate is not None:
+            with gate.hold(adapted):
+                written[key] = export_fm_decoder(model, out_dir / name, distill, exporter)
+        else:
+            written[key] = export_fm_decoder(model, out_dir / name, distill, exporter)
+        role = {} if adapted else {"comment": meta["comment"] + " without the adapter"}
+        add_metadata(written[key], {**meta, **role})
+    return written
+
+
 def export_model(
     model: nn.Module,
     out_dir: str | Path,
@@ -311,12 +403,16 @@ def export_model(
     int8: bool = False,
     vocoder: nn.Module | None = None,
     exporter: str = "torchscript",
+    model_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write text_encoder.onnx, fm_decoder.onnx (+ *_int8.onnx, vocoder.onnx) and tokens.txt.
+    """Write upstream's folder: text_encoder.onnx, fm_decoder.onnx (+ *_int8.onnx),
+    model.json, tokens.txt; plus fm_decoder_base.onnx for a time-gated model
+    (`model.time_gate`), vocoder.onnx when given, and the 'onnx' manifest of all of them.
 
     Refuses a model whose decoder still carries unmerged PEFT adapters: their extra matmuls
     would cost inference time and the graph would depend on PEFT's module layout.
     """
+    from zipvoice.models.modules.adapter_folder import fingerprint_state_dict
     from zipvoice.models.zipvoice_distill import ZipVoiceDistill
 
     if is_lora_model(model):
@@ -325,32 +421,21 @@ def export_model(
             "(load_adapter(..., merge=True) or merge_lora_weights) so the exported graph "
             "holds plain weights"
         )
+    config = _model_config(model, model_config)
     distill = isinstance(model, ZipVoiceDistill)
     model = model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kind = "zipvoice_distill" if distill else "zipvoice"
-    # What the runtime reads (model_type, feat_dim; tokenizer and lang from `metadata`), plus
-    # the format version and the output rate, which describe the files to any other reader.
-    meta: dict[str, Any] = {
-        "version": EXPORT_FORMAT_VERSION,
-        "model_type": kind,
-        "feat_dim": str(model.feat_dim),
-        "sample_rate": "24000",
-    }
-    meta.update(
-        {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
-    )
+    meta = _metadata(model, "zipvoice_distill" if distill else "zipvoice", metadata or {})
 
     written: dict[str, Path] = {}
     written["text_encoder"] = export_text_encoder(model, out_dir / TEXT_ENCODER_FILE, exporter)
-    add_metadata(written["text_encoder"], {**meta, "comment": "ZipVoice text encoder"})
-    written["fm_decoder"] = export_fm_decoder(model, out_dir / FM_DECODER_FILE, distill, exporter)
-    add_metadata(written["fm_decoder"], {**meta, "comment": "ZipVoice flow-matching decoder"})
+    add_metadata(written["text_encoder"], meta["text_encoder"])
+    written.update(_export_decoders(model, out_dir, distill, exporter, meta["fm_decoder"]))
     if int8:
-        for key, name in (("text_encoder", TEXT_ENCODER_FILE), ("fm_decoder", FM_DECODER_FILE)):
+        for key in list(written):
             written[f"{key}_int8"] = quantize_int8(
-                written[key], out_dir / name.replace(".onnx", "_int8.onnx")
+                written[key], out_dir / int8_name(written[key].name)
             )
     if vocoder is not None:
         written["vocoder"] = export_vocoder(vocoder.eval(), out_dir / VOCODER_FILE, exporter)
@@ -358,8 +443,10 @@ def export_model(
     if Path(token_file).resolve() != (out_dir / TOKENS_FILE).resolve():
         atomic_copy(token_file, out_dir / TOKENS_FILE)
     written["tokens"] = out_dir / TOKENS_FILE
-    from zipvoice.models.modules.adapter_folder import fingerprint_state_dict
-
-    base = meta.get("lora_base_fingerprint") or fingerprint_state_dict(model.state_dict())
+    written["model_config"] = out_dir / MODEL_CONFIG_FILE
+    atomic_write_json(written["model_config"], config)
+    base = (metadata or {}).get("lora_base_fingerprint") or fingerprint_state_dict(
+        model.state_dict()
+    )
     write_manifest(out_dir, "onnx", base_fingerprint=base, files=written.values())
     return written

@@ -1,9 +1,16 @@
-"""ZipVoice on ONNX Runtime: the exported text encoder and decoder, sampled in numpy.
+"""ZipVoice on ONNX Runtime, written against upstream's ONNX contract (see onnx/export.py).
 
-Sampling follows the reference: Euler steps over time points shifted by s*t / (1 + (s-1)*t);
-for ZipVoice, classifier-free guidance runs the batch twice (text condition zeroed in the
-unconditional half, which for t > 0.5 also loses the speech condition; for t <= 0.5 the
-scale is doubled): v = (1+g)*v_cond - g*v_uncond. ZipVoice-Distill takes g as an input.
+It runs this project's exports and upstream's published ONNX models alike: the text encoder
+gives the frame-level text condition (prompt region included), and the decoder graph returns
+the guided velocity (classifier-free guidance is inside it), so sampling here is plain Euler
+over time points shifted by s*t / (1 + (s-1)*t), from Gaussian noise of the text condition's
+shape, with the prompt's features at the start of the speech condition; the generated speech
+is the frames after the prompt. The graphs take no padding mask, so each text of a batch is
+sampled on its own (batching padded chunks into one call saved 2 % on the CPU, see
+docs/benchmarks.md).
+
+Time-gated adapters: an export with `fm_decoder_base.onnx` runs it on the steps whose start
+time t (after the shift) falls outside the adapter's range [A, B), `fm_decoder.onnx` inside.
 """
 
 from __future__ import annotations
@@ -15,11 +22,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from zipvoice.models.modules.time_gate import check_t_range, in_t_range, parse_t_range
 from zipvoice.onnx.export import (
+    FM_DECODER_BASE_FILE,
     FM_DECODER_FILE,
+    FM_DECODER_INPUTS,
     TEXT_ENCODER_FILE,
+    TEXT_ENCODER_INPUTS,
     TOKENS_FILE,
     VOCODER_FILE,
+    int8_name,
 )
 from zipvoice.utils.manifest import verify_folder
 
@@ -44,44 +56,86 @@ def _session(path: Path, num_thread: int) -> ort.InferenceSession:
         raise OnnxModelError(f"{path} is not a readable ONNX model: {reason}") from err
 
 
-class OnnxZipVoice:
-    """The exported model folder (text_encoder[_int8].onnx, fm_decoder[_int8].onnx,
-    tokens.txt, optionally vocoder.onnx)."""
+def _check_inputs(session: ort.InferenceSession, path: Path, expected: tuple[str, ...]) -> None:
+    names = tuple(i.name for i in session.get_inputs())
+    if names != expected:
+        older = " (an export of an older version of this toolkit: export it again)"
+        hint = older if "padding_mask" in names else ""
+        raise OnnxModelError(
+            f"{path} has inputs {list(names)}, not the ZipVoice contract's {list(expected)}{hint}"
+        )
 
-    def __init__(self, model_dir: str | os.PathLike, int8: bool = False, num_thread: int = 1):
+
+class OnnxZipVoice:
+    """An ONNX model folder: text_encoder[_int8].onnx, fm_decoder[_int8].onnx, tokens.txt
+    (upstream's), optionally fm_decoder_base[_int8].onnx (time gating) and vocoder.onnx.
+
+    `model_name` is the model type when the files do not say it (upstream's exports carry no
+    model_type; it only picks the default steps and guidance scale). `lora_t_range` overrides
+    the range an export recorded; it needs fm_decoder_base.onnx.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        int8: bool = False,
+        num_thread: int = 1,
+        model_name: str = "zipvoice",
+        lora_t_range: tuple[float, float] | None = None,
+    ):
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"ONNX model folder {self.model_dir} not found")
-        suffix = "_int8.onnx" if int8 else ".onnx"
-        names = (
-            TEXT_ENCODER_FILE.replace(".onnx", suffix),
-            FM_DECODER_FILE.replace(".onnx", suffix),
-            TOKENS_FILE,
-        )
-        for name in names:
-            if not (self.model_dir / name).is_file():
-                hint = " (export with --int8 1)" if int8 and name.endswith(".onnx") else ""
-                raise FileNotFoundError(f"ONNX model folder {self.model_dir} lacks {name}{hint}")
+        name = int8_name if int8 else str
+        names = (name(TEXT_ENCODER_FILE), name(FM_DECODER_FILE), TOKENS_FILE)
+        for file in names:
+            if not (self.model_dir / file).is_file():
+                hint = " (export with --int8 1)" if int8 and file.endswith(".onnx") else ""
+                raise FileNotFoundError(f"ONNX model folder {self.model_dir} lacks {file}{hint}")
         verify_folder(self.model_dir)  # one export only: no swapped, stray or damaged file
         self.text_encoder = _session(self.model_dir / names[0], num_thread)
+        _check_inputs(self.text_encoder, self.model_dir / names[0], TEXT_ENCODER_INPUTS)
         self.fm_decoder = _session(self.model_dir / names[1], num_thread)
+        _check_inputs(self.fm_decoder, self.model_dir / names[1], FM_DECODER_INPUTS)
         self.token_file = self.model_dir / TOKENS_FILE
         self.metadata = dict(self.fm_decoder.get_modelmeta().custom_metadata_map)
-        if "model_type" not in self.metadata:
-            raise OnnxModelError(f"{self.model_dir / names[1]} has no ZipVoice metadata")
-        self.model_type = self.metadata["model_type"]
+        if "feat_dim" not in self.metadata:
+            raise OnnxModelError(f"{self.model_dir / names[1]} has no feat_dim metadata")
+        self.model_type = self.metadata.get("model_type", model_name)
         self.distill = self.model_type == "zipvoice_distill"
         self.feat_dim = int(self.metadata["feat_dim"])
-        decoder_inputs = {i.name for i in self.fm_decoder.get_inputs()}
-        if self.distill != ("guidance_scale" in decoder_inputs):
-            raise OnnxModelError(f"{self.model_dir}: decoder inputs do not fit {self.model_type}")
+        self.fm_decoder_base, self.t_range = self._time_gate(name, num_thread, lora_t_range)
         vocoder_path = self.model_dir / VOCODER_FILE
         self.vocoder = _session(vocoder_path, num_thread) if vocoder_path.is_file() else None
+
+    def _time_gate(
+        self, name: Callable[[str], str], num_thread: int, t_range: tuple[float, float] | None
+    ) -> tuple[ort.InferenceSession | None, tuple[float, float] | None]:
+        """The base decoder and the range of a time-gated export (None, None otherwise)."""
+        path = self.model_dir / name(FM_DECODER_BASE_FILE)
+        recorded = self.metadata.get("lora_t_range")
+        if t_range is None and recorded is None:
+            return None, None
+        if not path.is_file():
+            raise OnnxModelError(
+                f"--lora-t-range needs {path.name} in {self.model_dir} "
+                "(export with --lora-path and --lora-t-range)"
+            )
+        session = _session(path, num_thread)
+        _check_inputs(session, path, FM_DECODER_INPUTS)
+        t_range = check_t_range(t_range) if t_range is not None else parse_t_range(recorded)
+        return session, t_range
+
+    def decoder_for(self, t: float) -> ort.InferenceSession:
+        """The decoder a step starting at flow time t runs (time gating, else the only one)."""
+        if self.t_range is None or in_t_range(t, self.t_range):
+            return self.fm_decoder
+        return self.fm_decoder_base
 
     def text_condition(
         self, tokens: list[int], prompt_tokens: list[int], prompt_features_len: int, speed: float
     ) -> np.ndarray:
-        """(T, feat_dim) for one text with its prompt."""
+        """(1, F, feat_dim) for one text with its prompt, prompt frames included."""
         (condition,) = self.text_encoder.run(
             None,
             {
@@ -91,64 +145,58 @@ class OnnxZipVoice:
                 "speed": np.asarray(speed, dtype=np.float32),
             },
         )
-        return condition[0]
+        return condition
 
     def velocity(
-        self,
-        t: np.ndarray,
-        x: np.ndarray,
-        text_condition: np.ndarray,
-        speech_condition: np.ndarray,
-        padding_mask: np.ndarray,
-        guidance_scale: np.ndarray | None = None,
-    ) -> np.ndarray:
-        feeds = {
-            "t": t.astype(np.float32),
-            "x": x.astype(np.float32),
-            "text_condition": text_condition.astype(np.float32),
-            "speech_condition": speech_condition.astype(np.float32),
-            "padding_mask": padding_mask.astype(bool),
-        }
-        if guidance_scale is not None:
-            feeds["guidance_scale"] = guidance_scale.astype(np.float32)
-        return self.fm_decoder.run(None, feeds)[0]
-
-    def guided_velocity(
         self,
         t: float,
         x: np.ndarray,
         text_condition: np.ndarray,
         speech_condition: np.ndarray,
-        padding_mask: np.ndarray,
         guidance_scale: float,
     ) -> np.ndarray:
-        n = x.shape[0]
-        if self.distill:
-            return self.velocity(
-                np.full(n, t, np.float32),
-                x,
-                text_condition,
-                speech_condition,
-                padding_mask,
-                np.full(n, guidance_scale, np.float32),
-            )
-        t_batch = np.full(n, t, np.float32)
-        if guidance_scale == 0.0:
-            return self.velocity(t_batch, x, text_condition, speech_condition, padding_mask)
-        if t > 0.5:
-            uncond_speech = np.zeros_like(speech_condition)
-        else:
-            uncond_speech = speech_condition
-            guidance_scale = guidance_scale * 2.0
-        v = self.velocity(
-            np.concatenate([t_batch, t_batch]),
-            np.concatenate([x, x]),
-            np.concatenate([np.zeros_like(text_condition), text_condition]),
-            np.concatenate([uncond_speech, speech_condition]),
-            np.concatenate([padding_mask, padding_mask]),
-        )
-        v_uncond, v_cond = v[:n], v[n:]
-        return (1.0 + guidance_scale) * v_cond - guidance_scale * v_uncond
+        """The guided velocity (N, F, feat_dim) at flow time t, from the decoder for t."""
+        feeds = {
+            "t": np.asarray(t, dtype=np.float32),
+            "x": x.astype(np.float32),
+            "text_condition": text_condition.astype(np.float32),
+            "speech_condition": speech_condition.astype(np.float32),
+            "guidance_scale": np.asarray(guidance_scale, dtype=np.float32),
+        }
+        return self.decoder_for(t).run(None, feeds)[0]
+
+    def sample_one(
+        self,
+        tokens: list[int],
+        prompt_tokens: list[int],
+        prompt_features: np.ndarray,
+        num_step: int,
+        guidance_scale: float,
+        t_shift: float = 0.5,
+        speed: float = 1.0,
+        rng: np.random.Generator | None = None,
+        x0: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Features (feat_dim, T) after the prompt for one text (prompt_features: (P, feat_dim),
+        already multiplied by feat_scale). `x0` (1, F, feat_dim) replaces the noise."""
+        if num_step < 1:
+            raise ValueError(f"num_step must be >= 1, got {num_step}")
+        prompt_len = prompt_features.shape[0]
+        text_condition = self.text_condition(tokens, prompt_tokens, prompt_len, speed)
+        if x0 is None:
+            rng = rng if rng is not None else np.random.default_rng()
+            x0 = rng.standard_normal(text_condition.shape)
+        x = x0.astype(np.float32)
+        if x.shape != text_condition.shape:
+            raise ValueError(f"x0 has shape {x.shape}, the text condition {text_condition.shape}")
+        speech_condition = np.zeros_like(text_condition)
+        kept = min(prompt_len, speech_condition.shape[1])
+        speech_condition[0, :kept] = prompt_features[:kept]
+        steps = time_steps(num_step, t_shift)
+        for k in range(num_step):
+            v = self.velocity(float(steps[k]), x, text_condition, speech_condition, guidance_scale)
+            x = x + v * (steps[k + 1] - steps[k])
+        return x[0, prompt_len:].T.copy()
 
     def sample(
         self,
@@ -160,35 +208,15 @@ class OnnxZipVoice:
         t_shift: float = 0.5,
         speed: float = 1.0,
         rng: np.random.Generator | None = None,
-        x0: np.ndarray | None = None,
     ) -> list[np.ndarray]:
-        """Features (feat_dim, T_i) after the prompt for each text of the batch."""
-        if num_step < 1:
-            raise ValueError(f"num_step must be >= 1, got {num_step}")
+        """`sample_one` for each text of the batch, in order, drawing noise from `rng`."""
         rng = rng if rng is not None else np.random.default_rng()
-        prompt_len = prompt_features.shape[0]
-        conditions = [self.text_condition(ids, prompt_tokens, prompt_len, speed) for ids in batch]
-        lengths = [c.shape[0] for c in conditions]
-        n, frames = len(batch), max(lengths)
-        # Padded frames repeat the last one (the pad slot), as the PyTorch gather does.
-        text_condition = np.stack(
-            [np.pad(c, ((0, frames - c.shape[0]), (0, 0)), mode="edge") for c in conditions]
-        )
-        padding_mask = np.arange(frames)[None, :] >= np.asarray(lengths)[:, None]
-        speech_condition = np.zeros((n, frames, self.feat_dim), np.float32)
-        speech_condition[:, :prompt_len] = prompt_features
-        x = (
-            x0.astype(np.float32)
-            if x0 is not None
-            else rng.standard_normal((n, frames, self.feat_dim)).astype(np.float32)
-        )
-        steps = time_steps(num_step, t_shift)
-        for k in range(num_step):
-            v = self.guided_velocity(
-                float(steps[k]), x, text_condition, speech_condition, padding_mask, guidance_scale
+        return [
+            self.sample_one(
+                ids, prompt_tokens, prompt_features, num_step, guidance_scale, t_shift, speed, rng
             )
-            x = x + v * (steps[k + 1] - steps[k])
-        return [x[i, prompt_len : lengths[i]].T.copy() for i in range(n)]
+            for ids in batch
+        ]
 
     def sampler(
         self,

@@ -18,6 +18,7 @@ from zipvoice.tokenizer.token_file import (
     write_token_file,
 )
 from zipvoice.tokenizer.tokenizer import get_tokenizer
+from zipvoice.utils.validate import read_text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,7 @@ def prepare_token_file(
             raise ValueError(f"{err}; pass a text file to collect its tokens from") from None
         new_tokens = []
     if text_file is not None:
-        text_path = Path(text_file)
-        if not text_path.is_file():
-            raise FileNotFoundError(f"text file not found: {text_path}")
-        texts = text_path.read_text(encoding="utf-8").splitlines()
+        texts = [line for _, line in read_text_lines(text_file, what="text file")]
         seen = {token for tokens in tokenizer.texts_to_tokens(texts) for token in tokens}
         new_tokens.extend(sorted(seen))
 

@@ -7,10 +7,12 @@ every base token at its base id and only append new tokens after them.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from zipvoice.utils.fileio import atomic_write_text
+from zipvoice.utils.validate import ValidationError, read_text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -30,40 +32,57 @@ def read_token_file(path: str | Path) -> dict[str, int]:
         raise FileNotFoundError(f"token file not found: {path}")
     token2id: dict[str, int] = {}
     id2token: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line:
-                continue
-            # The token itself may be a space, so split on the last tab only.
-            token, sep, id_text = line.rpartition("\t")
-            if not sep or token == "":
-                raise TokenFileError(f"{path}:{line_no}: expected 'token<TAB>id', got {line!r}")
-            try:
-                token_id = int(id_text)
-            except ValueError:
-                raise TokenFileError(
-                    f"{path}:{line_no}: id {id_text!r} of token {token!r} is not an integer"
-                ) from None
-            if token_id < 0:
-                raise TokenFileError(f"{path}:{line_no}: negative id {token_id} for {token!r}")
-            if token in token2id:
-                raise TokenFileError(
-                    f"{path}:{line_no}: duplicate token {token!r} "
-                    f"(already has id {token2id[token]})"
-                )
-            if token_id in id2token:
-                raise TokenFileError(
-                    f"{path}:{line_no}: duplicate id {token_id} for {token!r} "
-                    f"(already used by {id2token[token_id]!r})"
-                )
-            token2id[token] = token_id
-            id2token[token_id] = token
+    try:
+        lines = read_text_lines(path, what="token file")  # BOM dropped, encodings named
+    except ValidationError as err:
+        raise TokenFileError(str(err)) from None
+    for line_no, line in lines:
+        if not line:
+            continue
+        # The token itself may be a space, so split on the last tab only.
+        token, sep, id_text = line.rpartition("\t")
+        if not sep or token == "":
+            raise TokenFileError(f"{path}:{line_no}: expected 'token<TAB>id', got {line!r}")
+        try:
+            token_id = int(id_text)
+        except ValueError:
+            raise TokenFileError(
+                f"{path}:{line_no}: id {id_text!r} of token {token!r} is not an integer"
+            ) from None
+        if token_id < 0:
+            raise TokenFileError(f"{path}:{line_no}: negative id {token_id} for {token!r}")
+        if token in token2id:
+            raise TokenFileError(
+                f"{path}:{line_no}: duplicate token {token!r} (already has id {token2id[token]})"
+            )
+        if token_id in id2token:
+            raise TokenFileError(
+                f"{path}:{line_no}: duplicate id {token_id} for {token!r} "
+                f"(already used by {id2token[token_id]!r})"
+            )
+        token2id[token] = token_id
+        id2token[token_id] = token
     if not token2id:
         raise TokenFileError(f"{path}: token file is empty")
     if PAD_TOKEN not in token2id:
         raise TokenFileError(f"{path}: no padding token {PAD_TOKEN!r}")
+    _check_no_gaps(path, id2token)
     return token2id
+
+
+def _check_no_gaps(path: Path, id2token: Mapping[int, str]) -> None:
+    """The model's embedding has one row per token, so ids must be exactly 0..N-1: an id past
+    N-1 would index beyond the embedding (IndexError at the first batch that uses it)."""
+    count = len(id2token)
+    if max(id2token) == count - 1:
+        return
+    missing = [i for i in range(max(id2token) + 1) if i not in id2token]
+    beyond = sorted(i for i in id2token if i >= count)
+    shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+    raise TokenFileError(
+        f"{path}: ids must run from 0 to {count - 1} without gaps ({count} tokens), but id(s) "
+        f"{shown} are missing and {id2token[beyond[0]]!r} has id {beyond[0]}"
+    )
 
 
 def write_token_file(
@@ -123,3 +142,16 @@ def check_token_prefix(
                 f"{token!r} in the base file but {found} in the extended file (the first "
                 f"{len(base_token2id)} ids must be identical)"
             )
+
+
+def check_tokens_fit_embedding(
+    token_file: str | os.PathLike, vocab_size: int, model_source: str | os.PathLike
+) -> None:
+    """Every id of `token_file` must have an embedding row; a token file larger than the model
+    (or its adapter) would fail with IndexError at the first sentence that uses a new id."""
+    ids = read_token_file(token_file).values()
+    if max(ids) >= vocab_size:
+        raise ValidationError(
+            f"{token_file} has ids up to {max(ids)} but {model_source} embeds only {vocab_size} "
+            "tokens: use the token file the model (or adapter) was trained with"
+        )

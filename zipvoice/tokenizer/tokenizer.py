@@ -182,7 +182,15 @@ _READABLE_SYMBOLS = {"〒", "○"}
 _LATIN_SPECIAL = {"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE",
                   "đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "ı": "i"}  # fmt: skip
 _DATE_RE = re.compile(r"(?<!\d)(\d{4})/(\d{1,2})/(\d{1,2})(?!\d)")
-_TIME_RE = re.compile(r"(?<![\d:])(\d{1,2}):(\d{2})(?![\d:])")
+# H:MM or H:MM:SS, not part of a longer run of digits and colons.
+_TIME_RE = re.compile(r"(?<![\d:])(\d{1,2}):(\d{2})(?::(\d{2}))?(?![\d:])")
+# Any other digit:digit (16:9, 2:3, 1:2:1) is a ratio or a score, read 対 as Japanese does
+# (OpenJTalk would read the colon as a pause, leaving "にさん").
+_RATIO_RE = re.compile(r"(?<=\d)\s*:\s*(?=\d)")
+# Words that make the next N:MM a ratio or a score rather than a clock time, when they come
+# earlier in the same sentence: 比率は2:30, 試合は3:15で, 縦横比16:10.
+_RATIO_WORDS = ("比", "割合", "対", "スコア", "得点", "点差", "倍率", "オッズ", "配合", "勝", "負")
+_SENTENCE_END_RE = re.compile(r"[。！？!?\n]")
 _RANGE_RE = re.compile(r"(\d)\s*[~〜](?=\s*\d)")
 _SPACES_RE = re.compile(r"\s+")
 
@@ -219,14 +227,27 @@ def _replace_date(match: re.Match[str]) -> str:
 
 
 def _replace_time(match: re.Match[str]) -> str:
+    """H:MM(:SS) -> 時/分/秒, unless a ratio word comes earlier in the same sentence (then
+    `_RATIO_RE` reads the colon as 対)."""
     hour, minute = int(match[1]), int(match[2])
-    if hour <= 24 and minute < 60:
-        return f"{hour}時" if minute == 0 else f"{hour}時{minute}分"
-    return match[0]
+    second = None if match[3] is None else int(match[3])
+    if hour > 24 or minute >= 60 or (second is not None and second >= 60):
+        return match[0]
+    before = match.string[: match.start()]
+    sentence = _SENTENCE_END_RE.split(before)[-1]
+    if any(word in sentence for word in _RATIO_WORDS):
+        return match[0]
+    spoken = f"{hour}時" + ("" if minute == 0 and not second else f"{minute}分")
+    return spoken + (f"{second}秒" if second else "")
 
 
 def normalize_japanese(text: str) -> str:
     """Text OpenJTalk reads sensibly: NFKC, dates/times/ranges spelt out, unreadable chars dropped.
+
+    digit:digit is a clock time (2:30 -> 2時30分, 10:05:30 -> 10時5分30秒) when it can be one
+    (H <= 24, MM and SS < 60) and no ratio word (比, 割合, 対, スコア, 得点, 勝 ...) comes
+    earlier in the sentence; otherwise it is a ratio or score, read 対 (比率は2:30 ->
+    比率は2対30, 16:9 -> 16対9).
 
     OpenJTalk already reads digits (2024年 -> にせんにじゅうよねん, 3.14, 1,000) and spells
     Latin words (NHK -> エヌエイチケー); what it cannot read (emoji, Hangul, Cyrillic, control
@@ -235,6 +256,7 @@ def normalize_japanese(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
     text = _DATE_RE.sub(_replace_date, text)
     text = _TIME_RE.sub(_replace_time, text)
+    text = _RATIO_RE.sub("対", text)
     text = _RANGE_RE.sub(r"\1から", text)
     kept: list[str] = []
     for char in text:
@@ -268,22 +290,66 @@ def _import_pyopenjtalk() -> ModuleType:
     return _pyopenjtalk
 
 
+# OpenJTalk refuses inputs over 16383 bytes after its own full-width normalisation (5461
+# characters of 3 bytes); 4000 characters stay below that even at 4 bytes a character.
+OPENJTALK_MAX_CHARS = 4000
+_SPLIT_AFTER = ("。！？!?．.\n", "、，,；;：: 　")  # sentence ends first, then clause breaks
+
+
+def split_for_openjtalk(text: str, limit: int = OPENJTALK_MAX_CHARS) -> list[str]:
+    """Pieces of at most `limit` characters, cut after the last sentence end before the limit
+    (else the last clause break or space, else at the limit), so long texts are read whole."""
+    pieces: list[str] = []
+    while len(text) > limit:
+        window = text[:limit]
+        cut = 0
+        for breaks in _SPLIT_AFTER:
+            cut = max(window.rfind(char) for char in breaks) + 1
+            if cut > 0:
+                break
+        cut = cut or limit
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return [piece for piece in [*pieces, text] if piece.strip()]
+
+
+def _openjtalk_tokens(normalized: str, text: str) -> list[str]:
+    pyopenjtalk = _import_pyopenjtalk()
+    try:
+        labels = pyopenjtalk.extract_fullcontext(normalized)
+    except Exception as err:  # one odd sentence must not abort a whole data set
+        logger.warning("OpenJTalk failed on %r: %s; emitting no tokens", text[:80], err)
+        return []
+    return labels_to_prosody_tokens(labels)
+
+
+def _join_pieces(pieces: list[list[str]]) -> list[str]:
+    """One utterance from separately read pieces: the start mark of the first, the end mark
+    of the last, a pause where two pieces meet."""
+    pieces = [piece for piece in pieces if piece]
+    joined: list[str] = []
+    for index, piece in enumerate(pieces):
+        if index > 0:
+            piece = piece[1:] if piece[0] == "^" else piece
+            joined.append("_")
+        if index < len(pieces) - 1 and piece and piece[-1] in ("$", "?"):
+            piece = piece[:-1]
+        joined.extend(piece)
+    return joined
+
+
 def japanese_text_to_tokens(text: str) -> list[str]:
-    """One text -> prosody tokens; empty list when nothing in it can be read."""
+    """One text -> prosody tokens; empty list when nothing in it can be read. Texts longer
+    than OpenJTalk accepts are read piece by piece (`split_for_openjtalk`)."""
     normalized = normalize_japanese(text)
     if not any(unicodedata.category(c)[0] in "LN" or c in _READABLE_SYMBOLS for c in normalized):
         if text.strip():
             logger.debug("no readable characters in %r; emitting no tokens", text)
         return []
-    pyopenjtalk = _import_pyopenjtalk()
-    try:
-        labels = pyopenjtalk.extract_fullcontext(normalized)
-    except Exception as err:  # one odd sentence must not abort a whole data set
-        logger.warning("OpenJTalk failed on %r: %s; emitting no tokens", text, err)
-        return []
-    tokens = labels_to_prosody_tokens(labels)
+    pieces = split_for_openjtalk(normalized)
+    tokens = _join_pieces([_openjtalk_tokens(piece, text) for piece in pieces])
     if not any(token in JAPANESE_PHONEMES for token in tokens):
-        logger.debug("OpenJTalk found nothing to read in %r; emitting no tokens", text)
+        logger.debug("OpenJTalk found nothing to read in %r; emitting no tokens", text[:80])
         return []
     return tokens
 
@@ -624,6 +690,15 @@ class EmiliaTokenizer(Tokenizer):
 
 
 TOKENIZER_NAMES = ("simple", "japanese", "emilia", "espeak")
+# The language each front end reads; only espeak takes it from --lang (its voice).
+_FRONTEND_LANGUAGES = {"japanese": "ja", "emilia": "zh+en", "simple": "any"}
+
+
+def frontend_language(tokenizer: str, lang: str | None) -> str | None:
+    """What to record as the language of text read by `tokenizer`: `--lang` means the espeak
+    voice, so for the other front ends their own language is recorded instead of the unused
+    flag's default (a Japanese adapter must not say "en-us")."""
+    return lang if tokenizer == "espeak" else _FRONTEND_LANGUAGES.get(tokenizer, lang)
 
 
 def get_tokenizer(

@@ -63,6 +63,13 @@ RUN_IDENTITY_KEYS = (
     "feat_scale",
     "condition_drop_ratio",
     "train_manifest",
+    "replay_manifest",
+    "replay_ratio",
+    "replay_tokenizer",
+    "kd_weight",
+    "kd_on",
+    "trainable_modules",
+    "freeze_modules",
 )
 
 
@@ -255,6 +262,23 @@ def run_identity(
         "feat_scale": config.model.feat_scale,
         "condition_drop_ratio": config.model.condition_drop_ratio,
         "train_manifest": str(Path(manifest).resolve()) if manifest else None,
+        **_forgetting_identity(config),
+    }
+
+
+def _forgetting_identity(config: TrainingConfig) -> dict:
+    """Replay, distillation and freezing change what a run computes; None when off, so runs
+    from before these options keep their identity."""
+    data, model = config.data, config.model
+    replay = data.replay_manifest
+    return {
+        "replay_manifest": str(Path(replay).resolve()) if replay else None,
+        "replay_ratio": data.replay_ratio if replay else None,
+        "replay_tokenizer": data.replay_tokenizer if replay else None,
+        "kd_weight": model.kd_weight if model.kd_weight > 0 else None,
+        "kd_on": model.kd_on if model.kd_weight > 0 else None,
+        "trainable_modules": model.trainable_modules or None,
+        "freeze_modules": model.freeze_modules or None,
     }
 
 
@@ -321,12 +345,19 @@ def sampler_state_after(sampler: Any, consumed: int) -> dict[str, Any]:
     set to what training actually consumed.
     """
     state = copy.deepcopy(sampler.state_dict())
+    _set_consumed(state, consumed)
+    return state
+
+
+def _set_consumed(state: dict[str, Any], consumed: int) -> None:
+    """In a sampler's state, and in each of a ZipSampler's (replay) sub-samplers' states."""
     epoch = state.get("epoch")
     stats = state.get("diagnostics", {}).get("stats_per_epoch", {}).get(epoch)
     if stats is not None:
         stats["kept_batches"] = consumed
         stats["discarded_batches"] = 0
-    return state
+    for sub_state in state.get("samplers") or ():
+        _set_consumed(sub_state, consumed)
 
 
 @torch.no_grad()
@@ -358,6 +389,6 @@ def save_full_model(
 
 def write_run_manifest(exp_dir: Path, base_fingerprint: str) -> None:
     """The exp-dir's manifest: its checkpoints, model.json and tokens.txt (docs/integrity.md)."""
-    run_files = [path for _, path in list_checkpoints(exp_dir)]
-    run_files += [exp_dir / "model.json", exp_dir / "tokens.txt"]
+    run_files = [path.name for _, path in list_checkpoints(exp_dir)]
+    run_files += ["model.json", "tokens.txt"]
     write_manifest(exp_dir, "exp-dir", base_fingerprint=base_fingerprint, files=run_files)

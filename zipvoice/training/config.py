@@ -1,4 +1,5 @@
-"""The typed configuration of a training run, grouped as data / model / adapter / optim / run.
+"""The typed configuration of a training run, grouped as data / model / adapter / optim / run /
+eval.
 
 `zipvoice.bin.train_zipvoice` fills it from flags (`TrainingConfig.from_flags`); a recipe, test
 or notebook builds it directly:
@@ -20,6 +21,7 @@ properties, and `replace(**flags)` returns a modified copy.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,11 @@ DEFAULT_MODEL_CONFIG = str(
 DEFAULT_BASE_LR = {"adamw": 1e-3, "scaledadam": 0.02}
 OPTIMIZERS = ("auto", "adamw", "scaledadam")
 LR_SCHEDULES = ("cosine", "constant")
+KD_REGIONS = ("replay", "prompt", "all")
+# One term of --select-metric: [weight*]name (zipvoice.training.selection).
+_TERM = re.compile(
+    r"(?P<sign>[+-])?(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\*)?(?P<name>[a-z_][a-z0-9_]*)"
+)
 # Flag destinations of the adapter knobs -> LoraSettings fields.
 LORA_FLAGS = {
     "lora_rank": "rank",
@@ -68,6 +75,11 @@ class ModelConfig:
     feat_scale: float = 0.1
     condition_drop_ratio: float = 0.2
     ref_duration: float = 50.0
+    # Against forgetting (docs/lora.md): distillation from the start weights, partial freezing.
+    kd_weight: float = 0.0
+    kd_on: str = "replay"
+    trainable_modules: str | None = None
+    freeze_modules: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,9 +127,53 @@ class RunConfig:
     log_interval: int = 50
     max_bad_batches: int = 10
     num_threads: int = 0  # intra-op threads per process; 0: cores / world_size
+    select_metric: str | None = None
 
 
-GROUPS = ("data", "model", "adapter", "optim", "run")
+@dataclass(frozen=True)
+class EvalConfig:
+    """Listening to the run: `eval_list` (the inference test-list format) is synthesised with
+    the current weights at each validation and scored (zipvoice.training.eval_hook)."""
+
+    eval_list: str | None = None
+    eval_num_step: int = 16
+    eval_guidance_scale: float | None = None
+    eval_vocoder: str = "griffin-lim"
+    eval_ref_dir: str | None = None
+    eval_metrics: str = "auto"
+
+    def validate(self) -> None:
+        """Flag values, the list and its prompt files, before any model is read (a typo must
+        not surface at the first validation, hours into the run)."""
+        if not self.eval_list:
+            return
+        import math
+
+        from zipvoice.eval.registry import METRICS, parse_metrics
+        from zipvoice.eval.utils import read_test_list
+
+        if self.eval_num_step < 1:
+            raise ValueError(f"--eval-num-step must be at least 1, got {self.eval_num_step}")
+        scale = self.eval_guidance_scale
+        if scale is not None and not math.isfinite(scale):
+            raise ValueError(f"--eval-guidance-scale must be a finite number, got {scale}")
+        if self.eval_ref_dir and not Path(self.eval_ref_dir).is_dir():
+            raise FileNotFoundError(f"--eval-ref-dir {self.eval_ref_dir} is not a folder")
+        for item in read_test_list(self.eval_list):
+            if not item.prompt_wav.is_file():
+                raise FileNotFoundError(
+                    f"--eval-list {self.eval_list}: prompt wav {item.prompt_wav} of "
+                    f"{item.name!r} not found"
+                )
+        if self.eval_metrics != "auto":
+            for name in parse_metrics(self.eval_metrics):
+                if not METRICS[name].offline:
+                    raise ValueError(f"--eval-metrics: {name} needs downloaded models")
+                if METRICS[name].module.endswith(".f0_match") and not self.eval_ref_dir:
+                    raise ValueError(f"--eval-metrics: {name} needs --eval-ref-dir")
+
+
+GROUPS = ("data", "model", "adapter", "optim", "run", "eval")
 
 
 @dataclass(frozen=True)
@@ -127,6 +183,7 @@ class TrainingConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ------------------------------------------------------------------ derived values
 
@@ -233,7 +290,34 @@ class TrainingConfig:
         if forgetting and not Path(forgetting).is_file():
             raise FileNotFoundError(f"--forgetting-manifest {forgetting} not found")
         self._validate_files()
+        self._validate_forgetting()
+        self.eval.validate()
         return self
+
+    def _validate_forgetting(self) -> None:
+        """Replay, distillation, freezing and selection settings (docs/lora.md)."""
+        data, model = self.data, self.model
+        if data.replay_manifest:
+            if not 0.0 < data.replay_ratio < 1.0:
+                raise ValueError(f"--replay-ratio must be in (0, 1), got {data.replay_ratio}")
+            if not Path(data.replay_manifest).is_file():
+                raise FileNotFoundError(f"--replay-manifest {data.replay_manifest} not found")
+        if model.kd_on not in KD_REGIONS:
+            raise ValueError(f"--kd-on must be one of {', '.join(KD_REGIONS)}, got {model.kd_on!r}")
+        if model.kd_weight < 0:
+            raise ValueError(f"--kd-weight must not be negative, got {model.kd_weight}")
+        if model.kd_weight > 0 and model.kd_on == "replay" and not data.replay_manifest:
+            raise TrainingError(
+                "--kd-weight with --kd-on replay distils on replay cuts: pass --replay-manifest, "
+                "or --kd-on prompt/all"
+            )
+        if self.run.select_metric:
+            names = parse_select_metric(self.run.select_metric)
+            if "forgetting_loss" in names and not data.forgetting_manifest:
+                raise TrainingError(
+                    f"--select-metric {self.run.select_metric!r} uses forgetting_loss: pass "
+                    "--forgetting-manifest"
+                )
 
     def _validate_files(self) -> None:
         """The exp-dir is never inside an input folder, and a manifest-carrying checkpoint is
@@ -249,8 +333,29 @@ class TrainingConfig:
 
 def _group_of(key: str) -> str | None:
     for name, group_cls in zip(
-        GROUPS, (DataConfig, ModelConfig, AdapterConfig, OptimConfig, RunConfig), strict=True
+        GROUPS,
+        (DataConfig, ModelConfig, AdapterConfig, OptimConfig, RunConfig, EvalConfig),
+        strict=True,
     ):
         if key in {f.name for f in dataclasses.fields(group_cls)} and key != "lora":
             return name
     return None
+
+
+def parse_select_metric(metric: str) -> dict[str, float]:
+    """`"valid_loss+0.5*forgetting_loss-0.2*sim"` -> {"valid_loss": 1.0, "forgetting_loss":
+    0.5, "sim": -0.2}: lower is better, so a higher-is-better metric takes a minus sign."""
+    weights: dict[str, float] = {}
+    text, position = metric.replace(" ", ""), 0
+    while position < len(text) or not weights:
+        match = _TERM.match(text, position)
+        if match is None or (position > 0 and not match["sign"]):
+            raise ValueError(
+                f"--select-metric {metric!r}: cannot read it from {text[position:]!r}; write a "
+                "sum of [weight*]name terms, e.g. valid_loss+0.5*forgetting_loss"
+            )
+        sign = -1.0 if match["sign"] == "-" else 1.0
+        name = match["name"]
+        weights[name] = weights.get(name, 0.0) + sign * float(match["weight"] or 1.0)
+        position = match.end()
+    return weights

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from zipvoice.training.distributed import is_main
 from zipvoice.utils.cli import LOG_FORMAT, setup_logging
 
@@ -70,6 +72,31 @@ class ExperimentLog:
         if self.wandb_run is not None:
             self.wandb_run.log(dict(values), step=step)
 
+    def audio(
+        self,
+        clips: Mapping[str, np.ndarray],
+        step: int,
+        sample_rate: int,
+        captions: Mapping[str, str] | None = None,
+    ) -> None:
+        """Mono float clips in [-1, 1] by tag, to listen to beside the curves."""
+        import torch
+
+        captions = captions or {}
+        if self.tb is not None:
+            for tag, wave in clips.items():
+                self.tb.add_audio(tag, torch.from_numpy(wave).view(1, -1), step, sample_rate)
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log(
+                {
+                    tag: wandb.Audio(wave, sample_rate=sample_rate, caption=captions.get(tag))
+                    for tag, wave in clips.items()
+                },
+                step=step,
+            )
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -102,7 +129,9 @@ def setup_run_logging(exp_dir: Path, rank: int) -> logging.Handler | None:
     return handler
 
 
-def log_model_summary(model: Any, setup: Any, use_lora: bool) -> tuple[int, int]:
+def log_model_summary(
+    model: Any, setup: Any, use_lora: bool, use_dora: bool = False
+) -> tuple[int, int]:
     """Log the parameter counts (and a vocabulary extension); return (trainable, total)."""
     from zipvoice.models.modules.lora_utils import count_parameters
 
@@ -112,7 +141,9 @@ def log_model_summary(model: Any, setup: Any, use_lora: bool) -> tuple[int, int]
         f"{total:,}",
         f"{trainable:,}",
         100.0 * trainable / total,
-        f"; LoRA on {len(setup.lora_targets)} decoder projections" if use_lora else "",
+        f"; {'DoRA' if use_dora else 'LoRA'} on {len(setup.lora_targets)} decoder projections"
+        if use_lora
+        else "",
     )
     if setup.base_vocab_size and setup.vocab_size != setup.base_vocab_size:
         logger.info(

@@ -30,6 +30,8 @@ class Batch:
     features: Tensor
     features_lens: Tensor
     cut_ids: list[str]
+    # (B,) bool: the replay cuts of the pretraining domain (zipvoice.dataset.replay)
+    replay: Tensor | None = None
 
 
 def prepare_batch(batch: Mapping[str, Any], tokenizer: Any, feat_scale: float, device) -> Batch:
@@ -38,7 +40,9 @@ def prepare_batch(batch: Mapping[str, Any], tokenizer: Any, feat_scale: float, d
         tokens = tokenizer.tokens_to_token_ids(tokens)
     features = batch["features"].to(device) * feat_scale
     cut_ids = list(batch.get("cut_ids") or [])
-    return Batch(tokens, features, batch["features_lens"].to(device), cut_ids)
+    replay = batch.get("replay")
+    replay = replay.to(device) if isinstance(replay, Tensor) else None
+    return Batch(tokens, features, batch["features_lens"].to(device), cut_ids, replay)
 
 
 def flow_matching_loss(

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from zipvoice.training import checkpoints as ckpt
+from zipvoice.training import forgetting
 from zipvoice.training.callbacks import Callback
 from zipvoice.training.config import TrainingConfig, TrainingError
 from zipvoice.training.distributed import (
@@ -50,6 +51,7 @@ from zipvoice.training.distributed import (
     teardown_distributed,
     unwrap_ddp,
 )
+from zipvoice.training.eval_hook import make_eval_hook, validation_scores
 from zipvoice.training.experiment_log import (
     ExperimentLog,
     format_eta,
@@ -112,13 +114,15 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config = config.validate()
-        self.trainable = trainable
-        self.callbacks = list(callbacks)
+        self.trainable = forgetting.trainable_predicate(config, trainable)
+        self.callbacks = list(callbacks) + forgetting.selection_callbacks(config)
         self.exp_dir = Path(config.run.exp_dir)
         self.state = ckpt.TrainState()
         self.last_loss = float("nan")
+        self.last_terms: dict[str, float] = {}  # replay/distillation scalars of the last step
         self.experiment: ExperimentLog | None = None
         self.stop_request = StopRequest()  # replaced by an installed one during fit_rank
+        self.eval_scores: dict[str, float] = {}  # {metric: mean} of the last --eval-list run
 
     # ------------------------------------------------------------------ running
 
@@ -176,6 +180,9 @@ class Trainer:
         self._setup_optimizer(checkpoint)
         self._setup_data(checkpoint)
         self._setup_outputs()
+        self.eval_hook = make_eval_hook(
+            self.config, self.exp_dir, rank, self.tokenizer, device, self.experiment
+        )
         rng_states = checkpoint.get("rng") or [] if checkpoint is not None else None
         self._rng_to_restore = None
         seed = self.config.run.seed
@@ -206,8 +213,11 @@ class Trainer:
             trainable=self.trainable,
         )
         self.model: nn.Module = self.setup_result.model
+        # Before the resume checkpoint is loaded: the teacher is the run's start.
+        self.objective = forgetting.setup_forgetting(self)
+        adapter = self.config.adapter
         self.param_counts = log_model_summary(
-            self.model, self.setup_result, self.config.adapter.use_lora
+            self.model, self.setup_result, adapter.use_lora, adapter.lora.use_dora
         )
         self.identity = ckpt.run_identity(
             config, self.setup_result.base_fingerprint, self.setup_result.lora_targets,
@@ -231,6 +241,7 @@ class Trainer:
             load_module_training_state(self.model, checkpoint.get("module_state") or {})
             self.state = ckpt.TrainState.from_checkpoint(checkpoint)
             logger.info("resuming from %s at step %d", resume_path, self.state.step)
+            forgetting.resume_selection(self)
         self._setup_average(checkpoint)
         return checkpoint
 
@@ -293,7 +304,9 @@ class Trainer:
         )  # fmt: skip
         self.sampler_state = checkpoint.get("sampler") if checkpoint is not None else None
         self.train_dl = datamodule.train_dataloaders(
-            train_cuts, sampler_state_dict=self.sampler_state
+            train_cuts,
+            sampler_state_dict=self.sampler_state,
+            replay_cuts=forgetting.replay_cuts(datamodule, self.tokenizer),
         )
         self.dev_dl = datamodule.dev_dataloaders(dev_cuts)
         self.forgetting_dl = None
@@ -410,9 +423,14 @@ class Trainer:
         with torch.autocast(
             device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp
         ):
-            loss = flow_matching_loss(
-                self.model, batch, condition_drop_ratio=config.model.condition_drop_ratio
-            )
+            if self.objective is None:
+                loss = flow_matching_loss(
+                    self.model, batch, condition_drop_ratio=config.model.condition_drop_ratio
+                )
+            else:
+                loss, self.last_terms = self.objective(
+                    self.model, batch, config.model.condition_drop_ratio
+                )
         if not all_ranks_agree(bool(torch.isfinite(loss)), self.world_size, self.device):
             self._skip_bad_batch(float(loss.detach()), batch.cut_ids)
             return False
@@ -474,7 +492,7 @@ class Trainer:
             format_eta(remaining) if total_steps else "-",
         )  # fmt: skip
         if is_main(self.rank):
-            values = {"train/loss": self.last_loss, "train/lr": lr}
+            values = {"train/loss": self.last_loss, "train/lr": lr, **self.last_terms}
             if self.use_amp:
                 values["train/grad_scale"] = self.scaler.get_scale()
             self.experiment.scalars(values, state.step)
@@ -482,7 +500,8 @@ class Trainer:
     # ------------------------------------------------------------------ validate and save
 
     def validate(self) -> dict[str, float]:
-        """Deterministic dev loss (and forgetting-set loss); logged, passed to callbacks."""
+        """Deterministic dev loss (and forgetting-set loss), and with --eval-list the eval
+        scores as eval/<metric>; logged, passed to callbacks."""
         values = {"valid/loss": self._dev_loss(self.dev_dl)}
         self.state.best_valid_loss = min(self.state.best_valid_loss, values["valid/loss"])
         message = f"step {self.state.step}: validation loss {values['valid/loss']:.5f}"
@@ -490,6 +509,10 @@ class Trainer:
             values["valid/forgetting_loss"] = self._dev_loss(self.forgetting_dl)
             message += f", forgetting-set loss {values['valid/forgetting_loss']:.5f}"
         logger.info(message)
+        if self.config.eval.eval_list:  # zipvoice.training.eval_hook: rank 0 synthesises
+            raw, step = unwrap_ddp(self.model), self.state.step
+            self.eval_scores = validation_scores(self.eval_hook, raw, step, self.world_size)
+            values.update({f"eval/{name}": mean for name, mean in self.eval_scores.items()})
         if is_main(self.rank):
             self.experiment.scalars(values, self.state.step)
         for callback in self.callbacks:

@@ -7,6 +7,7 @@ torch) they were given, so dataset code (numpy) and inference code (torch) share
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -20,6 +21,10 @@ from zipvoice.utils.fileio import atomic_write
 Wave = TypeVar("Wave", np.ndarray, torch.Tensor)
 
 DEFAULT_SR = 24000
+# Sample rates a speech recording can have (telephone 8 kHz and below, studio 384 kHz and
+# above): anything outside is a damaged header.
+MIN_SAMPLE_RATE = 4000
+MAX_SAMPLE_RATE = 768000
 
 
 class AudioError(ValueError):
@@ -53,6 +58,12 @@ def load_audio(path: str | Path, target_sr: int = DEFAULT_SR) -> torch.Tensor:
         data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # libsndfile's errors are terse; say which file and why
         raise AudioError(f"cannot read audio file {path}: {err}") from err
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        # A header claiming 1 Hz would make resampling allocate 24000 samples per sample.
+        raise AudioError(
+            f"audio file {path}: its header claims a sample rate of {sample_rate} Hz, outside "
+            f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz; the file is damaged or not audio"
+        )
     if data.shape[0] == 0:
         raise AudioError(f"audio file {path} is empty (0 samples)")
     if not np.isfinite(data).all():
@@ -95,6 +106,59 @@ def rms_normalize(wave: Wave, target_rms: float = 0.1) -> tuple[Wave, float]:
         return wave, 1.0
     scale = target_rms / level
     return wave * scale, scale
+
+
+# Highest |sample| the limiter lets through: a little headroom below full scale, so that 16-bit
+# rounding and a player's resampling do not clip either.
+PEAK_CEILING = 0.99
+# How far ahead (and behind) the limiter looks: gain changes are spread over about twice this,
+# short enough to catch a transient, long enough not to distort (no sample-wise clipping).
+LIMITER_WINDOW_S = 0.005
+
+
+def limit_peaks(
+    wave: Wave,
+    ceiling: float = PEAK_CEILING,
+    sr: int = DEFAULT_SR,
+    window_s: float = LIMITER_WINDOW_S,
+) -> Wave:
+    """A look-ahead limiter: a smooth gain that keeps every |sample| <= `ceiling`, 1 elsewhere.
+
+    The gain each sample needs (ceiling / |x|, at most 1) is min-filtered over a window of 2h+1
+    samples, then averaged over the same window. Every average at n covers only minima of
+    windows that contain n, so it never exceeds the gain n needs: no sample passes the ceiling,
+    and the gain moves smoothly instead of flattening the peaks (hard clipping). Quiet waves
+    come back unchanged. (samples,) or (channels, samples), numpy or torch.
+    """
+    from scipy.ndimage import minimum_filter1d, uniform_filter1d
+
+    if not 0.0 < ceiling <= 1.0:
+        raise ValueError(f"ceiling must be in (0, 1], got {ceiling}")
+    data = _to_numpy(wave).astype(np.float64)
+    if data.ndim not in (1, 2):
+        raise ValueError(f"limit_peaks expects (samples,) or (channels, samples), got {data.shape}")
+    peak = np.abs(data) if data.ndim == 1 else np.abs(data).max(axis=0)
+    if peak.size == 0 or peak.max() <= ceiling:
+        return wave
+    needed = np.minimum(1.0, ceiling / np.maximum(peak, 1e-12))
+    size = 2 * max(1, round(window_s * sr)) + 1
+    gain = uniform_filter1d(minimum_filter1d(needed, size, mode="nearest"), size, mode="nearest")
+    gain = np.minimum(gain, needed)  # float rounding of the average only
+    limited = (data * gain).astype(np.float32)
+    return _like(np.clip(limited, -ceiling, ceiling), wave)
+
+
+def normalize_loudness(
+    wave: Wave, target_rms: float, ceiling: float = PEAK_CEILING, sr: int = DEFAULT_SR
+) -> Wave:
+    """Scale to `target_rms` (0 or less: keep the level), then `limit_peaks`, so the result
+    never clips. The RMS ends a little below target only where peaks had to be limited."""
+    if not math.isfinite(target_rms):
+        raise ValueError(f"target RMS must be finite, got {target_rms}")
+    level = rms(wave)
+    if target_rms > 0 and level > 0:
+        wave = wave * (target_rms / level)
+    return limit_peaks(wave, ceiling=ceiling, sr=sr)
 
 
 def level_db(wave: np.ndarray | torch.Tensor) -> float:
@@ -206,5 +270,13 @@ def save_wav(
     if subtype == "PCM_16":
         data = np.clip(data, -1.0, 1.0)
 
-    atomic_write(path, lambda tmp: sf.write(tmp, data, sr, subtype=subtype, format="WAV"))
+    try:
+        atomic_write(path, lambda tmp: sf.write(tmp, data, sr, subtype=subtype, format="WAV"))
+    except (sf.LibsndfileError, OSError) as err:
+        # libsndfile reports a full disk (or a file-size limit) as "System error." only.
+        free = shutil.disk_usage(path.parent).free
+        raise AudioError(
+            f"cannot write {path}: {err} ({free / 2**20:.1f} MiB free in {path.parent}; "
+            "is the disk full?)"
+        ) from None
     return path

@@ -3,13 +3,23 @@
 Checkpoints are read only with ``torch.load(weights_only=True)`` or safetensors, so a file
 from the internet cannot run code. Writes go through `zipvoice.utils.fileio`
 (temporary sibling, fsync, rename), so an interrupted save never leaves a torn file.
+
+Upstream ZipVoice's training checkpoints (``epoch-N.pt``, ``checkpoint-N.pt``,
+``best-valid-loss.pt``) hold, beside the state dicts, the run's parameters spread as top-level
+entries; ``exp_dir`` (and any other path-valued flag) is a ``pathlib`` path, which plain
+weights-only unpickling refuses. `safe_torch_load` allows exactly the path classes (a path
+object is data: building one runs no code), nothing else, so a malicious pickle is still
+refused.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +67,47 @@ def _unpickling_refusal(path: Path, exc: pickle.UnpicklingError) -> str:
     )
 
 
+# Where the path classes live in pickles: Python 3.13 moved them to pathlib._local, and a
+# checkpoint saved on the other OS family names a concrete class that cannot be instantiated
+# here (WindowsPath on Linux), so foreign concrete paths load as their pure counterparts.
+_PATH_CLASS_NAMES = ("PurePath", "PurePosixPath", "PureWindowsPath", "Path", "PosixPath",
+                     "WindowsPath")  # fmt: skip
+_PATH_MODULES = ("pathlib", "pathlib._local")
+
+
+def _path_stand_in(name: str) -> type:
+    """The class that unpickles a path saved as `name` on this machine."""
+    if name == "PosixPath" and os.name == "nt":
+        return pathlib.PurePosixPath
+    if name == "WindowsPath" and os.name != "nt":
+        return pathlib.PureWindowsPath
+    return getattr(pathlib, name)
+
+
+def path_safe_globals() -> list[tuple[type, str]]:
+    """The allow-list for upstream checkpoints: every pathlib path class under each module
+    name a pickle may use, mapped to a class that can be built here."""
+    return [
+        (_path_stand_in(name), f"{module}.{name}")
+        for module in _PATH_MODULES
+        for name in _PATH_CLASS_NAMES
+    ]
+
+
+@contextmanager
+def _allow_paths() -> Iterator[None]:
+    with torch.serialization.safe_globals(path_safe_globals()):
+        yield
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on CPU that also accepts pathlib paths (upstream
+    training checkpoints store ``exp_dir`` and path flags as such). Anything else a pickle asks
+    for is refused by torch: pickle.UnpicklingError, nothing run."""
+    with _allow_paths():
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     """The model state dict of a ``model.pt`` (``{"model": ...}`` or a bare state dict) or a
     ``.safetensors`` file, with any ``module.`` prefix removed.
@@ -79,7 +130,7 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = safe_torch_load(path)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(_unpickling_refusal(path, exc)) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:

@@ -4,13 +4,16 @@ seeding, and reporting a user's mistake as one line instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib
 import logging
+import os
 import random
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import ParamSpec
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
@@ -21,6 +24,11 @@ FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 P = ParamSpec("P")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` that keeps the description's line breaks (the usage examples stay runnable
+    commands, continuation backslashes included) and shows each flag's default."""
 
 
 def str2bool(value: str | bool) -> bool:
@@ -37,10 +45,49 @@ def str2bool(value: str | bool) -> bool:
     )
 
 
+# Libraries that log every HTTP request at INFO (huggingface_hub's client): a user sees them
+# only when something goes wrong, through our own message.
+QUIET_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2")
+
+
 def setup_logging(level: int | str = logging.INFO) -> None:
     """Console logging in one format for every command. Leaves an existing set-up alone (a
     caller that configured logging, or pytest's capture), so commands can run in-process."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _DropLibraryInfo(logging.Filter):
+    """Drops records below WARNING logged from files inside one package's folder (for
+    libraries that log through the root logger, where no logger name tells them apart)."""
+
+    def __init__(self, package_dir: str) -> None:
+        super().__init__()
+        self.package_dir = package_dir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.package_dir)
+
+
+@contextlib.contextmanager
+def quiet_info_logs(package: str) -> Iterator[None]:
+    """Within the block, `package`'s INFO/DEBUG records are dropped, its warnings kept:
+    onnxruntime's quantiser logs one INFO line per tensor (about 190 for ZipVoice) through
+    the root logger."""
+    module = sys.modules.get(package) or importlib.import_module(package)
+    package_dir = os.path.dirname(os.path.abspath(module.__file__ or ""))
+    drop = _DropLibraryInfo(package_dir)
+    root = logging.getLogger()
+    named = logging.getLogger(package)
+    old_level = named.level
+    root.addFilter(drop)
+    named.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        named.setLevel(old_level)
 
 
 def fix_random_seed(seed: int) -> None:

@@ -4,8 +4,9 @@ A write lands in a temporary sibling of the target, is fsynced, then renamed ove
 so an interrupted run (Ctrl-C, a full disk, a crash) never leaves a torn checkpoint, manifest
 or WAV, and the old file stays whole until the new one is complete. The temporary name ends
 with the target's name, because some writers pick the format from the suffix (lhotse:
-`.jsonl.gz` is gzipped jsonl; torch.onnx, soundfile). The writer creates the file itself, so
-it gets the usual permissions (0644 under the common umask), not mkstemp's 0600.
+`.jsonl.gz` is gzipped jsonl; torch.onnx, soundfile). Every written file gets the usual
+permissions (0666 less the umask: 0644 under the common umask), also from writers that create
+0600 files themselves (safetensors, PEFT's adapter files).
 """
 
 from __future__ import annotations
@@ -22,6 +23,26 @@ from typing import Any
 def _temp_sibling(path: Path) -> Path:
     """A hidden, unique name beside `path` that still ends with `path`'s name."""
     return path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only be
+    read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_default_mode(path: Path) -> None:
+    """rw for everyone the umask allows, as open() would create it."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _fsync_file(path: Path) -> None:
@@ -50,6 +71,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = _temp_sibling(path)
     try:
         write(tmp)
+        _set_default_mode(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
@@ -83,7 +105,8 @@ def atomic_replace_dir(out_dir: str | os.PathLike, build: Callable[[Path], None]
     try:
         build(tmp_dir)
         for file in tmp_dir.rglob("*"):
-            if file.is_file():
+            if file.is_file() and not file.is_symlink():
+                _set_default_mode(file)
                 _fsync_file(file)
         fsync_dir(tmp_dir)
         if out_dir.exists():

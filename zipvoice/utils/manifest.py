@@ -151,7 +151,10 @@ def write_manifest(
 
 def _relative(folder: Path, path: Path) -> str:
     """`path` (absolute, or relative to `folder`) as a POSIX path inside `folder`."""
-    full = path if path.is_absolute() else folder / path
+    if not path.is_absolute() and path.parts[: len(folder.parts)] == folder.parts:
+        full = path  # given as the folder's own (relative) path plus the name: cwd-relative
+    else:
+        full = path if path.is_absolute() else folder / path
     try:
         return full.resolve().relative_to(folder.resolve()).as_posix()
     except ValueError:

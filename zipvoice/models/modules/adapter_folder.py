@@ -40,11 +40,15 @@ from torch import Tensor, nn
 from zipvoice.models.modules.lora_utils import (
     get_peft_decoder,
     is_lora_model,
+    lora_init_name,
     lora_layers,
     merge_lora_weights,
+    scale_unmerged_adapters,
 )
+from zipvoice.tokenizer.tokenizer import frontend_language
 from zipvoice.utils.fileio import atomic_replace_dir, atomic_write_json
 from zipvoice.utils.manifest import verify_folder, write_manifest
+from zipvoice.utils.validate import check_finite_tensors
 
 ADAPTER_META_FILE = "zipvoice_adapter.json"
 TEXT_SIDE_FILE = "text_side.safetensors"
@@ -116,6 +120,11 @@ def save_adapter(
     if include_text_encoder is None:
         include_text_encoder = any(p.requires_grad for p in model.text_encoder.parameters())
     lora_config = peft_decoder.peft_config["default"]
+    check_finite_tensors(
+        {name: p for name, p in model.named_parameters() if p.requires_grad},
+        f"refusing to write the adapter {out_dir}",
+        hint="training diverged (lower the learning rate, check --base-lr and the data)",
+    )
 
     def build(tmp_dir: Path) -> None:
         save_kwargs: dict[str, Any] = {}
@@ -148,11 +157,13 @@ def save_adapter(
                 "use_dora": bool(lora_config.use_dora),
                 "use_rslora": bool(lora_config.use_rslora),
                 "dropout": float(lora_config.lora_dropout),
-                "init": str(lora_config.init_lora_weights),
+                "init": lora_init_name(lora_config.init_lora_weights),
                 "target_modules": [name for name, _ in lora_layers(model)],
             },
         }
         meta.update(dict(extra or {}))
+        if "tokenizer" in meta:  # --lang is espeak's voice; record the language really read
+            meta["lang"] = frontend_language(str(meta["tokenizer"]), meta.get("lang"))
         atomic_write_json(tmp_dir / ADAPTER_META_FILE, meta)
         write_manifest(tmp_dir, "adapter", base_fingerprint=base_fingerprint)
 
@@ -217,6 +228,12 @@ def check_peft_files(
     one adapter. PEFT itself fails on another rank with a size error from deep in torch, and
     silently skips the weights of modules that the config does not target."""
     config_path, weights_path = adapter_dir / PEFT_CONFIG_FILE, adapter_dir / PEFT_WEIGHTS_FILE
+    peft_type = str(peft_config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":  # e.g. an IA3 or LoHa config: would load as nothing, silently
+        raise AdapterError(
+            f"{config_path}: peft_type {peft_config.get('peft_type')!r} is not a LoRA/DoRA "
+            "adapter; this toolkit trains and merges LoRA (DoRA) adapters only"
+        )
     ranks: dict[str, int] = {}
     dora_modules: set[str] = set()
     for key, shape in _weight_shapes(weights_path).items():
@@ -227,6 +244,7 @@ def check_peft_files(
             dora_modules.add(name.removesuffix(".lora_magnitude_vector"))
     if not ranks:
         raise AdapterError(f"{weights_path} holds no LoRA weights (no lora_A tensors)")
+    check_finite_tensors(load_file(str(weights_path)), weights_path)
     rank_pattern = peft_config.get("rank_pattern") or {}
     for module, found in sorted(ranks.items()):
         expected = next(
@@ -268,6 +286,7 @@ def _load_text_side(model: nn.Module, path: Path, expected_vocab: int) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise AdapterError(f"{path} is not a readable safetensors file: {err}") from err
+    check_finite_tensors(state, path)
     embed = state.pop("embed.weight", None)
     if embed is None:
         raise AdapterError(f"{path} lacks embed.weight")
@@ -310,14 +329,17 @@ def load_adapter(
     base_state_dict_fingerprint: str | None,
     scale: float = 1.0,
     merge: bool = True,
+    base_weights: dict[str, Tensor] | None = None,
 ) -> nn.Module:
     """Apply an adapter folder to a base ZipVoice model in place and return it.
 
     `base_state_dict_fingerprint` is `fingerprint_state_dict` of the base checkpoint the model
     was loaded from; None skips the check (not recommended). `scale` weighs the adapter: 0 gives
     the base decoder exactly, 1 the trained one (see `merge_lora_weights`). With merge=False the
-    PEFT wrapper stays (useful to compare or to train further); scale then must be 1 for DoRA.
-    The text side (embedding, text encoder) is always the trained one.
+    PEFT wrapper stays (useful to compare or to train further), scaled with the same meaning
+    (`scale_unmerged_adapters`).
+    The text side (embedding, text encoder) is always the trained one. `base_weights` (merge
+    only) receives the adapted modules' base weights, for a time gate.
     """
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
@@ -337,11 +359,6 @@ def load_adapter(
     except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
         raise AdapterError(f"cannot apply the PEFT adapter in {adapter_dir}: {err}") from err
     if merge:
-        return merge_lora_weights(model_base, scale=scale)
-    if scale != 1.0:
-        layers = lora_layers(model_base)
-        if any(layer.use_dora.get("default", False) for _, layer in layers):
-            raise AdapterError("a DoRA adapter can only be scaled when merged (merge=True)")
-        for _, layer in layers:
-            layer.scale_layer(scale)
+        return merge_lora_weights(model_base, scale=scale, base_weights=base_weights)
+    scale_unmerged_adapters(model_base, scale)
     return model_base

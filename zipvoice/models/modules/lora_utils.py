@@ -13,12 +13,15 @@ names one function returns are accepted by the others and by PEFT.
 from __future__ import annotations
 
 import logging
+import math
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from torch import nn
+from torch import Tensor, nn
 
 from zipvoice.models.modules.lora_config import (
     ATTENTION_SUFFIXES,
@@ -27,6 +30,7 @@ from zipvoice.models.modules.lora_config import (
     LoraSettings,
     init_mutates_base,
 )
+from zipvoice.utils.validate import ValidationError, check_fits_in_memory
 
 FM_DECODER_PREFIX = "fm_decoder."
 
@@ -78,21 +82,24 @@ def _linear_names(decoder: nn.Module) -> list[str]:
 def get_lora_target_modules(model: nn.Module, preset: str = "attention") -> list[str]:
     """Full decoder-relative names of the nn.Linear modules that get adapters.
 
-    `preset` is one of PRESETS, or a comma-separated list of suffixes ("self_attn1.in_proj") or
-    full names ("encoders.0.layers.0.self_attn1.in_proj", "fm_decoder." prefix allowed). Every
-    entry must select at least one nn.Linear, so that a typo fails instead of training nothing.
+    `preset` is a comma-separated list whose entries are preset names (PRESETS), suffixes
+    ("self_attn1.in_proj") or full names ("encoders.0.layers.0.self_attn1.in_proj",
+    "fm_decoder." prefix allowed); the union is adapted ("attention,feed_forward1.in_proj").
+    Every entry must select at least one nn.Linear, so that a typo fails instead of training
+    nothing.
     """
     linear_names = _linear_names(unwrap_decoder(model))
     if not linear_names:
         raise ValueError("the decoder has no nn.Linear modules to adapt")
-    if preset in PRESETS:
-        suffixes = PRESETS[preset]
-        if suffixes is None:
-            return linear_names
-    else:
-        suffixes = tuple(s.strip() for s in preset.split(",") if s.strip())
-        if not suffixes:
-            raise ValueError(f"empty LoRA target list {preset!r}")
+    entries = [entry.strip() for entry in preset.split(",") if entry.strip()]
+    if not entries:
+        raise ValueError(f"empty LoRA target list {preset!r}")
+    if any(PRESETS.get(entry, ()) is None for entry in entries):
+        return linear_names  # all_linear among them: the union is everything
+    suffixes: list[str] = []
+    for entry in entries:
+        preset_suffixes = PRESETS.get(entry)
+        suffixes.extend(preset_suffixes if preset_suffixes is not None else [entry])
     all_module_names = {name for name, _ in unwrap_decoder(model).named_modules()}
     selected: list[str] = []
     for raw in suffixes:
@@ -166,6 +173,16 @@ def peft_config_from_settings(settings: LoraSettings, target_modules: list[str])
     )
 
 
+def lora_init_name(init_lora_weights: bool | str) -> str:
+    """The `--lora-init` name of a LoraConfig's init_lora_weights (PEFT spells the default
+    initialisation True, and False means B random too, no longer an identity start)."""
+    if init_lora_weights is True:
+        return "default"
+    if init_lora_weights is False:
+        return "random"
+    return str(init_lora_weights)
+
+
 def mutates_base_weights(config: LoraConfig) -> bool:
     """Whether PEFT rewrites the base weights when attaching this config (PiSSA, OLoRA)."""
     init = config.init_lora_weights
@@ -206,13 +223,18 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 
 
 @torch.no_grad()
-def merge_lora_weights(model: nn.Module, scale: float = 1.0) -> nn.Module:
+def merge_lora_weights(
+    model: nn.Module, scale: float = 1.0, base_weights: dict[str, Tensor] | None = None
+) -> nn.Module:
     """Merge the adapters into the decoder weights and drop PEFT: a plain ZipVoice again.
 
     `scale` interpolates each adapted weight between the base (0) and the trained merge (1):
     W = W0 + scale * (W_merged - W0). For plain LoRA this is exactly multiplying the adapter's
     scaling; for DoRA, whose magnitude vector is not an additive term, it is the only definition
     for which 0 gives the base model exactly.
+
+    `base_weights`, when given, receives each adapted module's base weight W0 (the copy the
+    merge takes anyway), for a time gate (`time_gate.TimeGate`) to swap back in.
     """
     if not is_lora_model(model):
         raise ValueError("the model has no LoRA adapters to merge")
@@ -221,6 +243,8 @@ def merge_lora_weights(model: nn.Module, scale: float = 1.0) -> nn.Module:
     for name, layer in lora_layers(model):
         weight = layer.get_base_layer().weight
         original = weight.data.clone()
+        if base_weights is not None:
+            base_weights[name] = original
         layer.merge(safe_merge=True)
         if scale != 1.0:
             weight.data = original + scale * (weight.data - original)
@@ -228,6 +252,50 @@ def merge_lora_weights(model: nn.Module, scale: float = 1.0) -> nn.Module:
             raise ValueError(f"merging the adapter of {name} produced non-finite weights")
     model.fm_decoder = get_peft_decoder(model).unload()
     return model
+
+
+class _InterpolatedOutput:
+    """Forward hooks making one unmerged adapted layer compute x @ W_s^T + b with
+    W_s = W0 + s * (W_merged - W0): y_s = y_base + s * (y_adapted - y_base). The base output
+    is the one PEFT computes anyway (kept by a hook on the base layer), so scaling costs one
+    element-wise blend per layer, and s = 0 gives the base layer's output exactly."""
+
+    def __init__(self, layer: LoraLayer, scale: float) -> None:
+        self.scale = scale
+        self.base_output: Tensor | None = None
+        base = layer.get_base_layer()
+        self.handles = [
+            base.register_forward_hook(self._keep_base),
+            layer.register_forward_hook(self._blend),
+        ]
+
+    def _keep_base(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self.base_output = output
+
+    def _blend(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+        base, self.base_output = self.base_output, None
+        if base is None or base.shape != output.shape:
+            return None
+        return base + self.scale * (output - base)
+
+
+def scale_unmerged_adapters(model: nn.Module, scale: float) -> None:
+    """Weigh unmerged adapters by `scale` with the meaning `merge_lora_weights` gives it
+    (W_s = W0 + s * (W_merged - W0)), so merged and unmerged inference agree at every s.
+
+    LoRA: PEFT's `scale_layer` (the delta is linear in its scaling, so this is W_s exactly).
+    DoRA: the merged weight is a normalised direction times a magnitude, not linear in the
+    scaling, so the layer's output is blended with the base output instead (linear in W).
+    """
+    if not math.isfinite(scale):
+        raise ValueError(f"adapter scale must be finite, got {scale}")
+    if scale == 1.0:
+        return
+    for _, layer in lora_layers(model):
+        if layer.use_dora.get("default", False):
+            _InterpolatedOutput(layer, scale)
+        else:
+            layer.scale_layer(scale)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -252,3 +320,25 @@ def log_parameter_counts(model: nn.Module, logger: logging.Logger | None = None)
         f"{total:,}",
         100.0 * trainable / max(total, 1),
     )
+
+
+def lora_bytes(linear_shapes: Iterable[tuple[int, int]], rank: int, copies: int = 4) -> int:
+    """Bytes of float32 LoRA matrices A (rank x in) and B (out x rank) over (out, in) shapes,
+    times `copies` (weights, gradients, two AdamW moments)."""
+    return 4 * copies * sum(rank * (d_in + d_out) for d_out, d_in in linear_shapes)
+
+
+def check_lora_rank(model: Any, target_modules: Iterable[str], rank: int) -> None:
+    """Refuse a `--lora-rank` whose adapters (with their gradients and AdamW state) would not
+    fit, before PEFT allocates them; also a rank above the layers' sizes (no low rank left)."""
+    modules = dict(unwrap_decoder(model).named_modules())
+    shapes = [tuple(modules[name].weight.shape) for name in target_modules]
+    if not shapes:
+        return
+    smallest = min(min(shape) for shape in shapes)
+    if rank > smallest:
+        raise ValidationError(
+            f"--lora-rank {rank} is larger than the smallest adapted layer ({smallest}); "
+            "a low-rank adapter needs rank below the layer sizes"
+        )
+    check_fits_in_memory(lora_bytes(shapes, rank), f"--lora-rank {rank} on {len(shapes)} layers")

@@ -105,11 +105,51 @@ def swoosh_r_formula(x: Tensor) -> Tensor:
     return _softplus_stable(x - offset) - _SWOOSH_SLOPE * x - const
 
 
+def _swoosh_eager(x: Tensor, offset: float, const: float) -> Tensor:
+    """The Swoosh formula in two passes instead of ten: a fused softplus, then one in-place
+    multiply-add. Eager, no-gradient use only (exporters get the formula above, whose ops
+    every runtime has). softplus returns its input above 20, where log1p(exp(20)) - 20 is
+    2e-9, below float32 resolution at that magnitude."""
+    y = nn.functional.softplus(x - offset)
+    return y.add_(x, alpha=-_SWOOSH_SLOPE).sub_(const)
+
+
+def _swoosh_eager_(x: Tensor, offset: float, const: float) -> Tensor:
+    """_swoosh_eager that overwrites x (a temporary its caller hands over): the shifted input
+    lives in x's memory, so only the result is allocated. Uses
+    swoosh = softplus(z) - 0.08 z - (const + 0.08 offset) with z = x - offset."""
+    shifted = x.sub_(offset)
+    y = nn.functional.softplus(shifted)
+    return y.add_(shifted, alpha=-_SWOOSH_SLOPE).sub_(const + _SWOOSH_SLOPE * offset)
+
+
+def swoosh_l(x: Tensor) -> Tensor:
+    """SwooshL for the forward-only paths: the export-safe formula while exporting, else the
+    two-pass eager one."""
+    if is_exporting() or (x.requires_grad and torch.is_grad_enabled()):
+        return swoosh_l_formula(x)
+    return _swoosh_eager(x, *_SWOOSH_L)
+
+
+def swoosh_r(x: Tensor) -> Tensor:
+    """SwooshR counterpart of swoosh_l."""
+    if is_exporting() or (x.requires_grad and torch.is_grad_enabled()):
+        return swoosh_r_formula(x)
+    return _swoosh_eager(x, *_SWOOSH_R)
+
+
 def _swoosh_forward_and_deriv(x: Tensor, offset: float, const: float) -> tuple[Tensor, Tensor]:
+    """(value, derivative) in float32, from one shifted copy of x: six passes, not thirteen."""
     x = x.float()
-    y = _softplus_stable(x - offset) - _SWOOSH_SLOPE * x - const
-    deriv = torch.sigmoid(x - offset) - _SWOOSH_SLOPE
-    return y, deriv
+    shifted = x - offset
+    y = nn.functional.softplus(shifted).add_(x, alpha=-_SWOOSH_SLOPE).sub_(const)
+    return y, torch.sigmoid_(shifted).sub_(_SWOOSH_SLOPE)
+
+
+def _swoosh_deriv(x: Tensor, offset: float, const: float) -> Tensor:
+    """The derivative alone (float32), for a backward that needs no value."""
+    del const
+    return torch.sigmoid_(x.float() - offset).sub_(_SWOOSH_SLOPE)
 
 
 class _SwooshFunction(torch.autograd.Function):
@@ -146,7 +186,7 @@ class SwooshL(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _use_plain_formula(self, x):
-            return swoosh_l_formula(x)
+            return swoosh_l(x)
         if k2 is not None:
             return k2.swoosh_l(x)
         return _SwooshFunction.apply(x, *_SWOOSH_L)
@@ -157,7 +197,7 @@ class SwooshR(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _use_plain_formula(self, x):
-            return swoosh_r_formula(x)
+            return swoosh_r(x)
         if k2 is not None:
             return k2.swoosh_r(x)
         return _SwooshFunction.apply(x, *_SWOOSH_R)
@@ -190,7 +230,10 @@ class _ActivationDropoutAndLinearFunction(torch.autograd.Function):
             dropout_mask = keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
         ctx.save_for_backward(x, weight, bias, dropout_mask)
         ctx.activation = activation
-        y = _ActivationDropoutAndLinearFunction._activate(x, activation)[0].to(x.dtype)
+        if k2 is not None:
+            y = _ActivationDropoutAndLinearFunction._activate(x, activation)[0].to(x.dtype)
+        else:  # the value only: its derivative is recomputed in backward
+            y = _swoosh_eager(x.float(), *_ACTIVATIONS[activation]).to(x.dtype)
         if dropout_mask is not None:
             y = y * dropout_mask
         return nn.functional.linear(y, weight, bias)
@@ -207,18 +250,26 @@ class _ActivationDropoutAndLinearFunction(torch.autograd.Function):
     @_custom_bwd
     def backward(ctx: Any, ans_grad: Tensor):
         x, weight, bias, dropout_mask = ctx.saved_tensors
-        y, deriv = _ActivationDropoutAndLinearFunction._activate(x, ctx.activation)
-        y = y.to(ans_grad.dtype)
-        if dropout_mask is not None:
-            y = y * dropout_mask
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         out_channels, in_channels = weight.shape
         grad_2d = ans_grad.reshape(-1, out_channels)
-        weight_grad = torch.matmul(grad_2d.t(), y.reshape(-1, in_channels).to(grad_2d.dtype))
-        bias_grad = None if bias is None else grad_2d.sum(dim=0)
-        x_grad = torch.matmul(ans_grad, weight.to(ans_grad.dtype)) * deriv.to(ans_grad.dtype)
-        if dropout_mask is not None:
-            x_grad = x_grad * dropout_mask
-        return x_grad.to(x.dtype), weight_grad, bias_grad, None, None, None
+        weight_grad = bias_grad = x_grad = None
+        if need_weight:  # frozen (adapter training): neither y nor this product is needed
+            y, deriv = _ActivationDropoutAndLinearFunction._activate(x, ctx.activation)
+            y = y.to(ans_grad.dtype)
+            if dropout_mask is not None:
+                y = y * dropout_mask
+            weight_grad = torch.matmul(grad_2d.t(), y.reshape(-1, in_channels).to(grad_2d.dtype))
+        elif need_x:
+            deriv = _swoosh_deriv(x, *_ACTIVATIONS[ctx.activation])
+        if need_bias and bias is not None:
+            bias_grad = grad_2d.sum(dim=0)
+        if need_x:
+            x_grad = torch.matmul(ans_grad, weight.to(ans_grad.dtype)) * deriv.to(ans_grad.dtype)
+            if dropout_mask is not None:
+                x_grad = x_grad * dropout_mask
+            x_grad = x_grad.to(x.dtype)
+        return x_grad, weight_grad, bias_grad, None, None, None
 
 
 class ActivationDropoutAndLinear(nn.Module):
@@ -245,12 +296,14 @@ class ActivationDropoutAndLinear(nn.Module):
         self.dropout_p = dropout_p
         self.dropout_shared_dim = dropout_shared_dim
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, consume_input: bool = False) -> Tensor:
+        """consume_input: the caller hands x over, and a path without autograd may overwrite
+        it instead of allocating a copy of the hidden activations."""
         if _use_plain_formula(self, x):
-            if self.activation == "SwooshL":
-                x = swoosh_l_formula(x)
+            if consume_input and not is_exporting() and not x.requires_grad:
+                x = _swoosh_eager_(x, *_ACTIVATIONS[self.activation])
             else:
-                x = swoosh_r_formula(x)
+                x = swoosh_l(x) if self.activation == "SwooshL" else swoosh_r(x)
             return nn.functional.linear(x, self.weight, self.bias)
         return _ActivationDropoutAndLinearFunction.apply(
             x,
@@ -632,10 +685,3 @@ class Dropout2(nn.Module):
         if not self.training or is_exporting():
             return x
         return nn.functional.dropout(x, p=float(self.p), training=True)
-
-
-class Identity(nn.Module):
-    """A no-op kept for diagnostics hooks."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x

@@ -205,6 +205,8 @@ class TTSZipformer(nn.Module):
         """x: (B, T, in_dim); t, guidance_scale: (B,) or (B, T); padding_mask: (B, T), True
         at padding. Returns (B, T, out_dim)."""
         x = self.in_proj(x.permute(1, 0, 2))
+        if padding_mask is not None and not is_exporting() and not bool(padding_mask.any()):
+            padding_mask = None  # nothing to mask: skip every layer's masked copies (exact)
         time_emb = None
         if t is not None:
             if self.time_embed is None:
@@ -504,8 +506,6 @@ class BypassModule(nn.Module):
         return src_orig + (src - src_orig) * self._get_bypass_scale(src.shape[1])
 
 
-Bypass = BypassModule
-
 
 class DownsampledZipformer2Encoder(nn.Module):
     """Runs an encoder stack at 1/downsample of the frame rate, upsamples by repetition and
@@ -706,14 +706,19 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
         q = q.reshape(seq_len, batch_size, num_heads, query_head_dim).permute(2, 1, 0, 3)
         p = p.reshape(seq_len, batch_size, num_heads, pos_head_dim).permute(2, 1, 0, 3)
         k = k.reshape(seq_len, batch_size, num_heads, query_head_dim).permute(2, 1, 3, 0)
-        attn_scores = torch.matmul(q, k)  # (H, B, T, T)
 
         use_pos_scores = (
             not self.training or is_exporting() or random.random() >= float(self.pos_emb_skip_rate)
         )
+        pos = None
         if use_pos_scores:
             pos = self.linear_pos(pos_emb)
             pos = pos.reshape(pos.shape[0], -1, num_heads, pos_head_dim).permute(2, 0, 3, 1)
+        if not is_exporting() and not (torch.is_grad_enabled() and x.requires_grad):
+            return _blocked_attention_weights(q, k, p, pos, key_padding_mask, attn_mask)
+
+        attn_scores = torch.matmul(q, k)  # (H, B, T, T)
+        if pos is not None:
             pos_scores = torch.matmul(p, pos)  # (H, B, T, 2T-1), column c = offset c-(T-1)
             attn_scores = attn_scores + self._rel_to_abs(pos_scores, seq_len)
 
@@ -752,6 +757,57 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
             ),
             storage_offset=pos_scores.storage_offset() + pos_scores.stride(3) * (seq_len - 1),
         )
+
+
+# Elements of one block of attention scores (H * B * rows * T) in the no-gradient path: about
+# 4 MiB, so the temporaries come from the allocator's reused heap instead of fresh pages.
+_SCORE_BLOCK_ELEMENTS = 1 << 20
+
+
+def _blocked_attention_weights(
+    q: Tensor,
+    k: Tensor,
+    p: Tensor,
+    pos: Tensor | None,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+) -> Tensor:
+    """The attention weights (H, B, T, T) computed a block of query rows at a time, for the
+    paths that need no gradient (inference, a teacher under no_grad).
+
+    Same arithmetic as the autograd path (scores = q.k + p.pos(j - i), masked, softmax), but
+    only the final weights are allocated at full size: the (H, B, T, 2T-1) positional scores,
+    the summed scores and the masked copy never exist, which at T = 1200 saves ~300 MB of
+    freshly faulted memory per layer, and each block's positional product covers only the
+    T + rows - 1 offsets that block uses instead of all 2T - 1.
+    q: (H, B, T, dq); k: (H, B, dq, T); p: (H, B, T, dp); pos: (H, 1 or B, dp, 2T-1).
+    """
+    num_heads, batch_size, seq_len, _ = q.shape
+    weights = q.new_empty(num_heads, batch_size, seq_len, seq_len)
+    rows = max(1, min(seq_len, _SCORE_BLOCK_ELEMENTS // max(1, num_heads * batch_size * seq_len)))
+    padding = None if key_padding_mask is None else key_padding_mask.unsqueeze(1)
+    for start in range(0, seq_len, rows):
+        end = min(seq_len, start + rows)
+        n = end - start
+        scores = torch.matmul(q[:, :, start:end], k)  # (H, B, n, T)
+        if pos is not None:
+            # Row i needs offsets j - i for j in [0, T): columns T-1-i .. 2T-2-i of pos.
+            first = seq_len - end
+            block = torch.matmul(p[:, :, start:end], pos[..., first : first + seq_len + n - 1])
+            block = block.contiguous()
+            scores.add_(
+                block.as_strided(
+                    (num_heads, batch_size, n, seq_len),
+                    (block.stride(0), block.stride(1), block.stride(2) - 1, 1),
+                    storage_offset=block.storage_offset() + n - 1,
+                )
+            )
+        if attn_mask is not None:
+            scores.masked_fill_(attn_mask[..., start:end, :], -1000.0)
+        if padding is not None:
+            scores.masked_fill_(padding, -1000.0)
+        weights[:, :, start:end] = scores.softmax(dim=-1)
+    return weights
 
 
 class SelfAttention(nn.Module):
@@ -814,7 +870,7 @@ class FeedforwardModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.hidden_balancer(self.in_proj(x))
-        return self.out_whiten(self.out_proj(x))
+        return self.out_whiten(self.out_proj(x, consume_input=True))
 
 
 class NonlinAttention(nn.Module):
@@ -916,4 +972,4 @@ class ConvolutionModule(nn.Module):
             x = x.masked_fill(src_key_padding_mask.unsqueeze(1), 0.0)
         x = self.balancer2(self.depthwise_conv(x))
         x = x.permute(2, 0, 1)  # (T, B, C)
-        return self.out_proj(self.whiten(x))
+        return self.out_proj(self.whiten(x), consume_input=True)

@@ -1,0 +1,127 @@
+"""The speed paths compute the same numbers as the plain ones they replace.
+
+Inference takes shortcuts that autograd cannot (attention weights by blocks of query rows,
+two-pass Swoosh, skipped all-False masks); adapter training skips gradients of frozen
+weights. Each test runs both paths on the same inputs and pins them within 1e-4 (1e-5 where
+the arithmetic is the same up to rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zipvoice.models.modules import scaling, zipformer
+from zipvoice.models.modules.scaling import ActivationDropoutAndLinear
+from zipvoice.models.modules.zipformer import RelPositionMultiheadAttentionWeights, TTSZipformer
+
+ATOL = 1e-4
+
+
+def _attention_module(seed: int = 0) -> tuple[RelPositionMultiheadAttentionWeights, torch.Tensor]:
+    torch.manual_seed(seed)
+    module = RelPositionMultiheadAttentionWeights(
+        embed_dim=64, pos_dim=16, num_heads=4, query_head_dim=8, pos_head_dim=4
+    ).eval()
+    with torch.no_grad():  # large enough scores that a misplaced offset shows
+        module.linear_pos.weight.normal_(std=1.0)
+    pos_encoder = zipformer.CompactRelPositionalEncoding(16, dropout_rate=0.0)
+    return module, pos_encoder
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 37])
+@pytest.mark.parametrize("masks", ["none", "padding", "both"])
+def test_blocked_attention_weights_equal_the_autograd_path(monkeypatch, seq_len, masks):
+    module, pos_encoder = _attention_module()
+    x = torch.randn(seq_len, 3, 64)
+    pos_emb = pos_encoder(x)
+    padding = attn_mask = None
+    if masks != "none":
+        lengths = torch.tensor([seq_len, max(1, seq_len - 3), max(1, seq_len // 2)])
+        padding = torch.arange(seq_len)[None, :] >= lengths[:, None]
+    if masks == "both":
+        attn_mask = torch.rand(seq_len, seq_len) < 0.2
+    x_grad = x.clone().requires_grad_(True)  # requires_grad: the unblocked autograd path
+    reference = module(x_grad, pos_emb, key_padding_mask=padding, attn_mask=attn_mask)
+    # Blocks of 1, 2 and 5 rows: every boundary case of the offset window.
+    for rows in (1, 2, 5):
+        monkeypatch.setattr(zipformer, "_SCORE_BLOCK_ELEMENTS", rows * 4 * 3 * seq_len)
+        with torch.inference_mode():
+            blocked = module(x, pos_emb, key_padding_mask=padding, attn_mask=attn_mask)
+        torch.testing.assert_close(blocked, reference.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_blocked_attention_without_positional_scores_matches():
+    module, pos_encoder = _attention_module(seed=1)
+    x = torch.randn(11, 2, 64)
+    pos_emb = pos_encoder(x)
+    q, k, p = torch.randn(4, 2, 11, 8), torch.randn(4, 2, 8, 11), torch.randn(4, 2, 11, 4)
+    expected = torch.matmul(q, k).softmax(dim=-1)
+    got = zipformer._blocked_attention_weights(q, k, p, None, None, None)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert pos_emb.shape == (1, 21, 16)
+
+
+@pytest.mark.parametrize("name", ["SwooshL", "SwooshR"])
+def test_two_pass_swoosh_equals_the_formula(name):
+    x = torch.cat([torch.linspace(-60.0, 60.0, 4001), torch.randn(1000) * 5])
+    formula = scaling.swoosh_l_formula if name == "SwooshL" else scaling.swoosh_r_formula
+    fast = scaling.swoosh_l if name == "SwooshL" else scaling.swoosh_r
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), formula(x), atol=1e-6, rtol=1e-6)
+    value, deriv = scaling._swoosh_forward_and_deriv(x, *scaling._ACTIVATIONS[name])
+    offset = scaling._ACTIVATIONS[name][0]
+    torch.testing.assert_close(value, formula(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(deriv, torch.sigmoid(x - offset) - 0.08, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("activation", ["SwooshL", "SwooshR"])
+def test_activation_linear_gradients_match_plain_autograd(frozen, activation):
+    torch.manual_seed(0)
+    module = ActivationDropoutAndLinear(24, 16, activation=activation, dropout_p=0.0).train()
+    module.weight.requires_grad_(not frozen)
+    module.bias.requires_grad_(not frozen)
+    x = (torch.randn(5, 3, 24) * 4).requires_grad_(True)
+    out_grad = torch.randn(5, 3, 16)
+    module(x).backward(out_grad)  # the custom Function (recomputing in backward)
+    got = [x.grad] + ([] if frozen else [module.weight.grad, module.bias.grad])
+
+    x2 = x.detach().clone().requires_grad_(True)
+    weight = module.weight.detach().clone().requires_grad_(not frozen)
+    bias = module.bias.detach().clone().requires_grad_(not frozen)
+    formula = scaling.swoosh_l_formula if activation == "SwooshL" else scaling.swoosh_r_formula
+    torch.nn.functional.linear(formula(x2), weight, bias).backward(out_grad)
+    expected = [x2.grad] + ([] if frozen else [weight.grad, bias.grad])
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if frozen:
+        assert module.weight.grad is None and module.bias.grad is None
+
+
+def test_decoder_inference_path_matches_the_autograd_path():
+    """The whole decoder: eval forward under inference_mode (blocked attention, two-pass
+    Swoosh, mask skipping) against the same forward with autograd recording."""
+    torch.manual_seed(0)
+    decoder = TTSZipformer(
+        in_dim=30,
+        out_dim=10,
+        downsampling_factor=(1, 2, 1),
+        num_encoder_layers=(1, 1, 1),
+        cnn_module_kernel=(7, 5, 7),
+        encoder_dim=64,
+        query_head_dim=8,
+        value_head_dim=4,
+        num_heads=4,
+        feedforward_dim=96,
+        pos_dim=16,
+        time_embed_dim=32,
+    ).eval()
+    x, t = torch.randn(2, 45, 30), torch.tensor([0.3, 0.8])
+    padded = torch.arange(45)[None, :] >= torch.tensor([45, 31])[:, None]
+    for mask in (padded, torch.zeros_like(padded)):
+        x_grad = x.clone().requires_grad_(True)
+        reference = decoder(x_grad, t=t, padding_mask=mask).detach()
+        with torch.inference_mode():
+            fast = decoder(x, t=t, padding_mask=mask)
+        torch.testing.assert_close(fast, reference, atol=ATOL, rtol=0)

@@ -1,0 +1,1 @@
+"""Model definitions the metrics need that no installed package provides."""

@@ -1,0 +1,1 @@
+"""Predicted listening quality (MOS) of generated audio."""

@@ -1,0 +1,1 @@
+"""Speaker similarity between generated audio and its prompt (SIM-o)."""
