@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 
-from zipvoice.dataset.fbank import FEATURE_TYPES, compute_fbank, compute_fbank_split
+from zipvoice.dataset.config import FEATURE_TYPES
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
 
 
@@ -73,6 +73,9 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
+    # Imported here: --help stays light (no lhotse).
+    from zipvoice.dataset.fbank import compute_fbank, compute_fbank_split
+
     common = dict(num_jobs=args.num_jobs, sampling_rate=args.sampling_rate,
                   feature_type=args.type, overwrite=args.overwrite)  # fmt: skip
     if args.batch_duration != 1000:

@@ -2,6 +2,8 @@
 
     python -m zipvoice.bin.demo [--out-dir demo_out]
 
+Interrupted (Ctrl-C), it continues after its last finished stage when run again.
+
 It generates a small Japanese corpus with pyopenjtalk's voice, prepares lhotse manifests, tokens
 (with pitch-accent marks) and Vocos features, trains a tiny base model (a stand-in for the
 published checkpoint, which cannot be downloaded offline), LoRA/DoRA-fine-tunes it on other
@@ -50,7 +52,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="Start over in an --out-dir that a previous demo run left (never a foreign folder).",
+        help="Start over in an --out-dir that a previous demo run left (never a foreign folder); "
+        "without it, a rerun continues after the last finished stage.",
     )
     return parser
 

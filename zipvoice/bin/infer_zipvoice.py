@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from zipvoice.inference.flags import (
     add_generation_arguments,
     add_model_arguments,
@@ -26,7 +24,6 @@ from zipvoice.inference.flags import (
     run_from_args,
     synthesizer_from_args,
 )
-from zipvoice.inference.torch_backend import model_kind, torch_sampler, torch_vocoder
 from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging
 from zipvoice.utils.validate import resolve_device
 
@@ -55,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
     check_io_arguments(args)
-    torch.set_num_threads(args.num_thread)
+    from zipvoice.inference.torch_backend import model_kind, torch_sampler, torch_vocoder
+    from zipvoice.utils.resources import apply_num_threads
+
+    apply_num_threads(args.num_thread)
     device = resolve_device(args.device)
     model, token_file, meta = load_model_from_args(args)
     model.to(device)

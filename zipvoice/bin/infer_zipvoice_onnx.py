@@ -24,8 +24,6 @@ from zipvoice.inference.flags import (
     run_from_args,
     synthesizer_from_args,
 )
-from zipvoice.inference.torch_backend import torch_vocoder
-from zipvoice.onnx.runtime import OnnxZipVoice
 from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging, str2bool
 
 
@@ -68,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
     check_io_arguments(args)
+    from zipvoice.inference.torch_backend import torch_vocoder  # here: --help stays light
+    from zipvoice.onnx.runtime import OnnxZipVoice
+    from zipvoice.utils.resources import choose_num_threads
+
     fix_random_seed(args.seed)
+    args.num_thread = choose_num_threads(args.num_thread)
     model_dir = args.model_dir
     if model_dir is None:
         from zipvoice.onnx.hub import download_onnx_model

@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from zipvoice.inference.flags import add_model_arguments, load_model_from_args, text_frontend
-from zipvoice.inference.torch_backend import model_kind
-from zipvoice.onnx.export import EXPORTERS, export_metadata, export_model
+from zipvoice.onnx import EXPORTERS
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
 from zipvoice.utils.folders import refuse_output_inside_inputs
 
@@ -63,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         "--vocoder-path": args.vocoder_path,
     }
     refuse_output_inside_inputs("--onnx-model-dir", args.onnx_model_dir, inputs)
+    import torch  # after parsing: --help stays quick
+
+    from zipvoice.inference.torch_backend import model_kind
+    from zipvoice.onnx.export import export_metadata, export_model
+
     # Gradients off for this call only: main() also runs in-process (the demo, tests).
     with torch.no_grad():
         model, token_file, meta = load_model_from_args(args)

@@ -35,7 +35,7 @@ import argparse
 import os
 import sys
 
-from zipvoice.dataset.manifests import ON_ERROR_CHOICES, prepare_dataset
+from zipvoice.dataset.config import ON_ERROR_CHOICES
 from zipvoice.utils.cli import exit_on_error, setup_logging
 
 
@@ -74,6 +74,8 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
+    from zipvoice.dataset.manifests import prepare_dataset  # here: --help stays light
+
     prepare_dataset(
         tsv_path=args.tsv_path,
         prefix=args.prefix,

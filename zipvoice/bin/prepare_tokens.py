@@ -23,8 +23,7 @@ import argparse
 import os
 import sys
 
-from zipvoice.dataset.manifests import ON_ERROR_CHOICES
-from zipvoice.dataset.tokens import prepare_tokens
+from zipvoice.dataset.config import ON_ERROR_CHOICES
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.utils.cli import exit_on_error, setup_logging
 
@@ -68,6 +67,8 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_parser().parse_args(argv)
+    from zipvoice.dataset.tokens import prepare_tokens  # here: --help stays light
+
     prepare_tokens(
         input_file=args.input_file,
         output_file=args.output_file,

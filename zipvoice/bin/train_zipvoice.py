@@ -146,6 +146,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-interval", type=int, default=RUN.log_interval, help="console log every N steps")
     add("--max-bad-batches", type=int, default=RUN.max_bad_batches,
         help="stop after this many batches with a non-finite loss")
+    add("--num-threads", type=int, default=RUN.num_threads,
+        help="intra-op threads per process (0: cores from the CPU affinity / --world-size, or "
+        "OMP_NUM_THREADS when set)")
     # fmt: on
 
 

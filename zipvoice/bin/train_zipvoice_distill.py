@@ -29,7 +29,7 @@ import sys
 
 from zipvoice.dataset.config import DataConfig, add_data_arguments
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
-from zipvoice.training.distill import STAGES, DistillConfig
+from zipvoice.training.distill_config import STAGES, DistillConfig
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
 
 NOT_RUN = ("print_diagnostics", "scan_oom", "inf_check")

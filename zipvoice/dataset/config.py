@@ -15,6 +15,9 @@ from pathlib import Path
 from zipvoice.utils.cli import str2bool
 
 DATASETS = ("emilia", "libritts", "custom")
+# Here rather than beside their code, so that the entry points' --help does not import lhotse.
+FEATURE_TYPES = ("vocos",)  # zipvoice.dataset.fbank
+ON_ERROR_CHOICES = ("fail", "skip")  # zipvoice.dataset.manifests
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class DataConfig:
     shuffle: bool = True
     drop_last: bool = True
     return_cuts: bool = False
-    num_workers: int = 8
+    num_workers: int = -1  # -1: min(2, cores - 1), see zipvoice.utils.resources
     dataset: str = "emilia"
     train_manifest: str | None = None
     dev_manifest: str | None = None
@@ -71,7 +74,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     add("--return-cuts", type=str2bool, default=d.return_cuts,
         help="Put the cuts of each batch in batch['cut'].")
     add("--num-workers", type=int, default=d.num_workers,
-        help="Training data loader worker processes.")
+        help="Training data loader worker processes (-1: min(2, cores per process - 1), cores "
+        "from the CPU affinity; 0: load in the training process). Results do not depend on it.")
     add("--dataset", type=str, default=d.dataset, choices=DATASETS,
         help="Which manifests to train on; 'custom' uses --train-manifest/--dev-manifest.")
     add("--train-manifest", type=str, default=d.train_manifest,

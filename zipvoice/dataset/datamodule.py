@@ -32,6 +32,7 @@ from zipvoice.dataset.dataset import (
     cut_tokens,
     on_the_fly_features,
 )
+from zipvoice.utils.resources import choose_num_workers
 
 DEV_NUM_WORKERS = 2
 DEV_NUM_BUCKETS = 10
@@ -40,12 +41,26 @@ MIN_CUTS_PER_BUCKET = 10  # lhotse cannot estimate bucket bins from a handful of
 
 
 class _SeedWorkers:
-    """Gives each data loader worker its own reproducible random state."""
+    """Gives each data loader worker its own reproducible random state, and leaves Ctrl-C and
+    SIGTERM to the training process.
+
+    A terminal's Ctrl-C (or a batch system's SIGTERM) reaches the whole process group; a
+    worker that died of it would make the training process fail instead of finishing its step
+    and saving (zipvoice.training.interrupt). Nothing in SpeechSynthesisDataset draws random
+    numbers, so batches do not depend on which worker (or how many) made them; a random
+    transform added there must draw from a generator seeded by the batch, not from these
+    per-worker states.
+    """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
     def __call__(self, worker_id: int) -> None:
+        import signal
+
+        # A worker ends when the loader shuts it down or its parent is gone (torch's watchdog).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         fix_random_seed(self.seed + worker_id)
 
 
@@ -65,10 +80,16 @@ class TtsDataModule:
         attributes (`zipvoice.training.config.DataConfig`).
       tokenizer: used only for cuts whose supervisions carry no stored tokens.
       seed: of the samplers' shuffles and the workers; default `args.seed`, else 42.
+      processes: training processes on this machine (DDP ranks), for the automatic worker
+        count.
     """
 
-    def __init__(self, args: Any, tokenizer=None, seed: int | None = None) -> None:
+    def __init__(
+        self, args: Any, tokenizer=None, seed: int | None = None, processes: int = 1
+    ) -> None:
         self.args = args
+        # --num-workers -1 (auto) shares the cores among this many training processes.
+        self.num_workers = choose_num_workers(int(args.num_workers), processes)
         self.tokenizer = tokenizer
         self.seed = int(seed if seed is not None else getattr(args, "seed", 42))
         self.train_manifest: str | None = None
@@ -233,6 +254,9 @@ class TtsDataModule:
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=2 if num_workers > 0 else None,
             worker_init_fn=_SeedWorkers(seed),
+            # Starting an iterator draws the workers' base seed; from its own generator, not
+            # the global RNG, so loaders never shift the random numbers training draws.
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def _sampler_plan(
@@ -329,12 +353,12 @@ class TtsDataModule:
         if sampler_state_dict is not None:
             logging.info("Restoring the training sampler's state")
             sampler.load_state_dict(sampler_state_dict)
-        return self._loader(self._dataset(self.train_manifest), sampler, args.num_workers, seed)
+        return self._loader(self._dataset(self.train_manifest), sampler, self.num_workers, seed)
 
     def dev_dataloaders(self, cuts_valid: CutSet) -> DataLoader:
         """Unshuffled batches; every cut is used (no drop_last)."""
         seed = self.seed
         buckets, _ = self._sampler_plan(cuts_valid, DEV_NUM_BUCKETS, drop_last=False)
         sampler = self._sampler(cuts_valid, False, False, buckets, seed)
-        workers = min(DEV_NUM_WORKERS, self.args.num_workers)
+        workers = min(DEV_NUM_WORKERS, self.num_workers)
         return self._loader(self._dataset(self.dev_manifest), sampler, workers, seed)

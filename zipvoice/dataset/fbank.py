@@ -10,6 +10,7 @@ and manifest whole.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import secrets
@@ -23,13 +24,16 @@ from lhotse import CutSet, LilcomChunkyWriter, load_manifest
 from lhotse.cut import Cut
 from tqdm.auto import tqdm
 
+from zipvoice.dataset.config import FEATURE_TYPES
 from zipvoice.dataset.manifests import manifest_paths, write_manifest_atomically
+from zipvoice.utils.cli import ignore_interrupts
 from zipvoice.utils.feature import VocosFbank
 
 logger = logging.getLogger(__name__)
 
-FEATURE_TYPES = ("vocos",)
 CHUNKS_PER_JOB = 4  # more chunks than workers keeps the progress bar moving and loads balanced
+# Starting a worker (importing torch and lhotse) costs seconds; below this it is not worth it.
+MIN_CUTS_PER_JOB = 50
 
 
 class FeatureComputationError(ValueError):
@@ -160,7 +164,7 @@ def compute_fbank(
     storage_dir.mkdir(parents=True, exist_ok=True)
     run = f"feats-{secrets.token_hex(4)}-"  # this run's archives; older ones stay until done
     try:
-        with_feats = _compute_all(cuts, storage_dir, run, num_jobs, progress)
+        with_feats = _compute_all(cuts, storage_dir, run, num_jobs, progress, source)
         dest_dir.mkdir(parents=True, exist_ok=True)
         write_manifest_atomically(CutSet.from_cuts(with_feats), output)
         mark_done(output, inputs, settings)
@@ -177,28 +181,35 @@ def compute_fbank(
 
 
 def _compute_all(
-    cuts: list[Cut], storage_dir: Path, run: str, num_jobs: int, progress: bool
+    cuts: list[Cut], storage_dir: Path, run: str, num_jobs: int, progress: bool, source: Path
 ) -> list[Cut]:
-    """Features for every cut, in input order, in `num_jobs` processes (at most one per cut)."""
+    """Features for every cut, in input order, in `num_jobs` processes (a worker only pays
+    for its start-up with at least MIN_CUTS_PER_JOB cuts)."""
     if num_jobs < 1:
         raise ValueError(f"--num-jobs must be >= 1, got {num_jobs}")
-    num_jobs = min(num_jobs, len(cuts))
-    logger.info("Computing features for %d cuts with %d job(s)", len(cuts), num_jobs)
+    num_jobs = max(1, min(num_jobs, math.ceil(len(cuts) / MIN_CUTS_PER_JOB)))
+    logger.info("Computing features for %d cuts of %s with %d job(s)", len(cuts), source, num_jobs)
     if num_jobs == 1:
         return _compute_chunk(cuts, str(storage_dir / f"{run}0000"), progress=progress)
     num_chunks = min(len(cuts), num_jobs * CHUNKS_PER_JOB)
     chunks = [cuts[i::num_chunks] for i in range(num_chunks)]
     results: dict[int, list[Cut]] = {}
     with (
-        ProcessPoolExecutor(num_jobs, mp_context=_pool_context()) as pool,
+        ProcessPoolExecutor(
+            num_jobs, mp_context=_pool_context(), initializer=ignore_interrupts
+        ) as pool,
         tqdm(total=len(cuts), desc="Computing features", unit="cut", disable=not progress) as bar,
     ):
         futures = {
             pool.submit(_compute_chunk, chunk, str(storage_dir / f"{run}{i:04d}")): i
             for i, chunk in enumerate(chunks)
         }
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update(len(results[futures[future]]))
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(len(results[futures[future]]))
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # do not wait for queued chunks
+            raise
     by_id = {c.id: c for chunk in results.values() for c in chunk}
     return [by_id[c.id] for c in cuts]

@@ -25,11 +25,11 @@ import soundfile
 from lhotse import CutSet, MonoCut, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 from tqdm.auto import tqdm
 
+from zipvoice.dataset.config import ON_ERROR_CHOICES
 from zipvoice.utils.fileio import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-ON_ERROR_CHOICES = ("fail", "skip")
 # Rounding in tools that write start/end times: an end this close past the file's end is clipped.
 END_TOLERANCE_S = 0.05
 MAX_LISTED_ERRORS = 30

@@ -15,14 +15,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import soxr
-import torch
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from zipvoice.utils.fileio import atomic_write_text
 from zipvoice.utils.validate import read_text_lines
+
+if TYPE_CHECKING:  # numpy, soxr, torch are imported where used: generate_japanese_corpus --help
+    import numpy as np
 
 SAMPLING_RATE = 24000
 
@@ -114,7 +113,9 @@ def load_sentences(path: str | os.PathLike) -> list[str]:
 
 def synthesize(text: str, speaker: PseudoSpeaker) -> np.ndarray:
     """OpenJTalk speech for `text` as float32 samples in [-1, 1] at 24 kHz."""
+    import numpy as np
     import pyopenjtalk  # imported here: its dictionary loads on first use
+    import soxr
 
     wave, sr = pyopenjtalk.tts(text, speed=speaker.speed, half_tone=speaker.half_tone)
     if wave.size == 0:
@@ -201,6 +202,9 @@ def make_japanese_corpus(
 
     chosen = pool[:num_sentences]
     dev_start = num_sentences - _num_dev(num_sentences, dev_fraction)
+    import torch
+    from tqdm.auto import tqdm
+
     from zipvoice.utils.audio import save_wav
 
     train_rows: list[str] = []

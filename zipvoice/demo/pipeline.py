@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
-import os
 import shlex
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zipvoice.utils.fileio import atomic_write_json, atomic_write_text
+from zipvoice.utils.resources import available_cores
 
 if TYPE_CHECKING:
     from zipvoice.training.config import TrainingConfig
@@ -29,10 +30,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MARKER = ".zipvoice-demo"
+STAGES_FILE = ".zipvoice-demo-stages.json"
 # Worker processes of the data stages (the entry points' default).
-NUM_JOBS = min(8, os.cpu_count() or 1)
+NUM_JOBS = min(8, available_cores())
 
-# The fixture-sized model: about 1 M parameters, trains at several steps per second on a CPU.
+# The fixture-sized model: 1.67 M parameters (the pre-training log's count); its speed on a
+# CPU is in the README (measured, with the machine's load).
 TINY_MODEL_CONFIG = {
     "model": {
         "fm_decoder_downsampling_factor": [1, 2, 4, 2, 1],
@@ -77,7 +80,8 @@ class DemoSettings:
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Never touch a folder the demo did not make; start over only when asked."""
+    """Never touch a folder the demo did not make; start over only when asked (else an
+    earlier run in it continues, see _Stages)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out-dir {out} is a file, not a folder; choose another --out-dir")
     if out.exists() and any(out.iterdir()):
@@ -86,13 +90,65 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
                 f"{out} exists and was not made by the demo; choose another --out-dir"
             )
         if not overwrite:
-            raise FileExistsError(
-                f"{out} holds an earlier demo run; pass --overwrite to start over, "
-                "or --out-dir for a new folder"
-            )
+            return
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MARKER, "made by python -m zipvoice.bin.demo\n")
+
+
+class _Stages:
+    """The finished stages of a demo folder and what each returned, in STAGES_FILE, so that a
+    rerun (after Ctrl-C, a crash, a full disk) continues after the last finished stage. An
+    unfinished stage runs again from its start, replacing its partial outputs; an interrupted
+    training stage resumes from its checkpoint. Other settings than the recorded ones are
+    refused: the finished stages would not be what they ask for."""
+
+    def __init__(self, out: Path, settings: DemoSettings) -> None:
+        self.path = out / STAGES_FILE
+        wanted = {k: v for k, v in asdict(settings).items() if k not in ("overwrite", "progress")}
+        if self.path.is_file():
+            self.record = json.loads(self.path.read_text(encoding="utf-8"))
+            if self.record.get("settings") != wanted:
+                changed = sorted(
+                    k for k in wanted if self.record.get("settings", {}).get(k) != wanted[k]
+                )
+                raise FileExistsError(
+                    f"{out} holds a demo run with other settings ({', '.join(changed)}); pass "
+                    "--overwrite to start over, or --out-dir for a new folder"
+                )
+        else:
+            self.record = {"settings": wanted, "done": {}}
+            atomic_write_json(self.path, self.record)
+
+    def run(self, name: str, stage: Callable[..., Any], *args: Any) -> Any:
+        done = self.record["done"]
+        if name in done:
+            print(f"\n== {name}: finished in an earlier run of this folder, skipped", flush=True)
+            return _from_json(done[name])
+        result = stage(*args)
+        done[name] = _to_json(result)
+        atomic_write_json(self.path, self.record)
+        return result
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Path):
+        return {"path": str(value)}
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"path"}:
+            return Path(value["path"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    return value
 
 
 def _show(module: str, argv: Sequence[object]) -> None:
@@ -115,8 +171,10 @@ def _corpus(s: DemoSettings, out: Path) -> tuple[dict[str, Any], dict[str, Path]
     from zipvoice.dataset.synthetic import make_japanese_corpus
 
     print("\n== 1. Generate a Japanese corpus with pyopenjtalk's voice", flush=True)
+    # overwrite: a stage that runs again replaces its own unfinished output.
+    where, progress = out / "corpus", s.progress
     corpus = make_japanese_corpus(
-        out / "corpus", s.num_speakers, s.num_sentences, name="ja", progress=s.progress
+        where, s.num_speakers, s.num_sentences, name="ja", progress=progress, overwrite=True
     )
     speakers = sorted({p.name.split("_")[0] for p in corpus["wav_dir"].glob("*.wav")})
     # Without a real pretrained model, half the speakers stand in for the pre-training data.
@@ -145,7 +203,7 @@ def _token_file(s: DemoSettings, data: Path) -> Path:
     if base is not None:
         argv += ["--base-token-file", base]
     _show("zipvoice.bin.prepare_token_file", argv)
-    prepare_token_file("japanese", token_file, base_token_file=base)
+    prepare_token_file("japanese", token_file, base_token_file=base, overwrite=True)
     return token_file
 
 
@@ -161,13 +219,15 @@ def _features(subsets: dict[str, Path], manifests: Path, fbank: Path) -> None:
         tokenized = manifests / f"ja_cuts_{subset}.jsonl.gz"
         _show("zipvoice.bin.prepare_dataset", ["--tsv-path", tsv, "--prefix", "ja",
               "--subset", f"raw_{subset}", "--output-dir", manifests])  # fmt: skip
-        prepare_dataset(tsv, "ja", f"raw_{subset}", manifests, num_jobs=NUM_JOBS)
+        prepare_dataset(tsv, "ja", f"raw_{subset}", manifests, num_jobs=NUM_JOBS, overwrite=True)
         _show("zipvoice.bin.prepare_tokens", ["--input-file", raw, "--output-file", tokenized,
               "--tokenizer", "japanese"])  # fmt: skip
-        prepare_tokens(raw, tokenized, tokenizer="japanese", num_jobs=NUM_JOBS)
+        prepare_tokens(raw, tokenized, tokenizer="japanese", num_jobs=NUM_JOBS, overwrite=True)
         _show("zipvoice.bin.compute_fbank", ["--source-dir", manifests, "--dest-dir", fbank,
               "--prefix", "ja", "--subset", subset])  # fmt: skip
-        compute_fbank(manifests, fbank, prefix="ja", subset=subset, num_jobs=NUM_JOBS)
+        compute_fbank(
+            manifests, fbank, prefix="ja", subset=subset, num_jobs=NUM_JOBS, overwrite=True
+        )
 
 
 def _train(config: TrainingConfig) -> None:
@@ -322,27 +382,28 @@ def run_demo(s: DemoSettings) -> dict[str, Path]:
 
         resolve_model_dir(model_dir=s.model_dir)
     _prepare_out_dir(out, s.overwrite)
+    stages = _Stages(out, s)
     data = out / "data"
     manifests, fbank = data / "manifests", data / "fbank"
-    corpus, subsets = _corpus(s, out)
-    token_file = _token_file(s, data)
-    _features(subsets, manifests, fbank)
+    corpus, subsets = stages.run("corpus", _corpus, s, out)
+    token_file = stages.run("token file", _token_file, s, data)
+    stages.run("features", _features, subsets, manifests, fbank)
 
     def cuts(subset: str) -> Path:
         return fbank / f"ja_cuts_{subset}.jsonl.gz"
 
     common = _common_config(s, token_file)
-    model_dir = _pretrain(s, out, common, cuts)
+    model_dir = stages.run("pre-training", _pretrain, s, out, common, cuts)
     forgetting = cuts("base_dev") if "base_dev" in subsets else None
-    adapter = _fine_tune(s, out, common, model_dir, cuts, forgetting)
+    adapter = stages.run("fine-tuning", _fine_tune, s, out, common, model_dir, cuts, forgetting)
     with open(subsets["adapt_dev"], encoding="utf-8") as f:
         _, prompt_text, prompt_wav = next(csv.reader(f, delimiter="\t"))[:3]
     prompt = (prompt_wav, prompt_text)
     results, onnx_dir = out / "results", out / "onnx"
     wav, onnx_wav = results / "demo_lora.wav", results / "demo_lora_onnx.wav"
-    _speak_torch(s, model_dir, adapter, prompt, wav)
-    _export_onnx(model_dir, adapter, onnx_dir)
-    _speak_onnx(s, onnx_dir, prompt, onnx_wav)
+    stages.run("PyTorch synthesis", _speak_torch, s, model_dir, adapter, prompt, wav)
+    stages.run("ONNX export", _export_onnx, model_dir, adapter, onnx_dir)
+    stages.run("onnxruntime synthesis", _speak_onnx, s, onnx_dir, prompt, onnx_wav)
     artefacts = {
         "corpus": corpus["out_dir"],
         "token file": token_file,

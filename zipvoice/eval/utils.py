@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from zipvoice.utils.audio import load_audio
 from zipvoice.utils.cli import exit_on_error, setup_logging
 from zipvoice.utils.fileio import atomic_write_text
 
@@ -112,6 +111,8 @@ def read_test_list(path: str | os.PathLike) -> list[TestItem]:
 
 def load_wav(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
     """Mono float32 samples at `sample_rate` (soxr resampling); errors name the file."""
+    from zipvoice.utils.audio import load_audio  # here: evaluate's --help stays light
+
     return load_audio(path, target_sr=sample_rate).numpy()
 
 

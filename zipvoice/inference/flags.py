@@ -6,28 +6,24 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from zipvoice.inference.common import MODEL_DEFAULTS, InferenceError
-from zipvoice.inference.generation import (
-    GenerationStats,
-    SampleFn,
-    Synthesizer,
-    VocodeFn,
-    make_text_functions,
-)
-from zipvoice.inference.torch_backend import load_model_for_inference
 from zipvoice.tokenizer.tokenizer import TOKENIZER_NAMES
 from zipvoice.utils.cli import str2bool
 from zipvoice.utils.validate import (
     assert_not_input,
     finite_float,
     non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
 )
+
+if TYPE_CHECKING:  # building a parser (--help) must not import torch, lhotse or PEFT
+    from torch import nn
+
+    from zipvoice.inference.generation import GenerationStats, SampleFn, Synthesizer, VocodeFn
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, merge_lora_help: str) -> None:
@@ -78,6 +74,8 @@ def t_range_arg(text: str) -> tuple[float, float]:
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[nn.Module, Path, dict[str, Any]]:
     """`load_model_for_inference` with the flags of `add_model_arguments`."""
+    from zipvoice.inference.torch_backend import load_model_for_inference
+
     return load_model_for_inference(
         args.model_name,
         args.model_dir,
@@ -148,7 +146,15 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "prompt's own level), peak-limited, never clipped (0: no level change).",
     )
     parser.add_argument("--seed", type=int, default=666, help="Random seed.")
-    parser.add_argument("--num-thread", type=positive_int, default=1, help="CPU threads.")
+    parser.add_argument(
+        "--num-thread",
+        "--num-threads",
+        dest="num_thread",
+        type=non_negative_int,
+        default=0,
+        help="CPU intra-op threads (0: the cores from the CPU affinity, or OMP_NUM_THREADS "
+        "when set).",
+    )
     parser.add_argument(
         "--max-duration",
         type=positive_float,
@@ -166,6 +172,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def check_io_arguments(args: argparse.Namespace) -> None:
     """Exactly one of --test-list or (--prompt-wav, --prompt-text, --text)."""
     single = (args.prompt_wav, args.prompt_text, args.text)
+    if getattr(args, "num_thread", 0) < 0:
+        raise InferenceError(f"--num-thread must be >= 0 (0: automatic), got {args.num_thread}")
     if args.test_list is not None:
         if any(v is not None for v in single):
             raise InferenceError("give either --test-list or --prompt-wav/--prompt-text/--text")
@@ -175,7 +183,7 @@ def check_io_arguments(args: argparse.Namespace) -> None:
             "give --prompt-wav, --prompt-text and --text (or --test-list for many sentences)"
         )
     assert_not_input(args.res_wav_path, {"--prompt-wav": args.prompt_wav}, "--res-wav-path")
-    for name in ("num_step", "num_thread"):
+    for name in ("num_step",):  # --num-thread 0 means automatic; its type refuses negatives
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise InferenceError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -206,6 +214,8 @@ def synthesizer_from_args(
     metadata: Mapping[str, Any],
 ) -> Synthesizer:
     """A Synthesizer for a backend, configured by the flags of `add_generation_arguments`."""
+    from zipvoice.inference.generation import Synthesizer, make_text_functions
+
     tokenizer_name, lang = text_frontend(args, metadata)
     text_to_tokens, tokens_to_ids = make_text_functions(tokenizer_name, token_file, lang)
     return Synthesizer(

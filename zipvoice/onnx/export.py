@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from zipvoice.models.modules.lora_utils import is_lora_model
 from zipvoice.models.zipvoice import get_tokens_index
+from zipvoice.onnx import EXPORTERS
 from zipvoice.utils.cli import quiet_info_logs
 from zipvoice.utils.fileio import atomic_copy, atomic_write, atomic_write_json
 from zipvoice.utils.manifest import write_manifest
@@ -56,7 +57,6 @@ AUDIO_METADATA = {
     "window_length": "1024",
     "num_mels": "100",
 }
-EXPORTERS = ("torchscript", "dynamo")
 
 
 class OnnxExportError(ValueError):

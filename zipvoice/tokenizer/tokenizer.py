@@ -406,7 +406,9 @@ class JapaneseTokenizer(Tokenizer):
         # Contiguous chunks, results in input order: the output does not depend on scheduling.
         chunk_size = math.ceil(len(texts) / (workers * 4))
         chunks = [list(texts[i : i + chunk_size]) for i in range(0, len(texts), chunk_size)]
-        with _process_pool_context().Pool(workers) as pool:
+        from zipvoice.utils.cli import ignore_interrupts
+
+        with _process_pool_context().Pool(workers, initializer=ignore_interrupts) as pool:
             results = pool.map(_japanese_chunk_to_tokens, chunks)
         return [tokens for chunk in results for tokens in chunk]
 

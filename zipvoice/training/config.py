@@ -126,6 +126,7 @@ class RunConfig:
     wandb_project: str | None = None
     log_interval: int = 50
     max_bad_batches: int = 10
+    num_threads: int = 0  # intra-op threads per process; 0: cores / world_size
     select_metric: str | None = None
     # Upstream's flags (docs/upstream.md): validation per epoch, diagnostics, averaging.
     valid_by_epoch: bool = False
@@ -276,6 +277,11 @@ class TrainingConfig:
             raise ValueError(f"--base-lr must be positive, got {self.base_lr}")
         if self.run.world_size < 1:
             raise ValueError(f"--world-size must be at least 1, got {self.run.world_size}")
+        if self.run.num_threads < 0 or self.data.num_workers < -1:
+            raise ValueError(
+                "--num-threads must be >= 0 (0: automatic) and --num-workers >= -1 (-1: "
+                f"automatic), got {self.run.num_threads} and {self.data.num_workers}"
+            )
         if self.run.num_iters <= 0 and self.run.num_epochs <= 0:
             raise ValueError("give a positive --num-iters or --num-epochs")
         if self.run.avg < 0:

@@ -43,10 +43,6 @@ def setup_distributed(rank: int, world_size: int, master_port: int) -> torch.dev
         if launched is None:
             os.environ["MASTER_PORT"] = str(master_port)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cpu":
-            # Every process would otherwise start one thread per core: oversubscribed spinning.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-            torch.set_num_threads(max(1, (cores or os.cpu_count() or 1) // world_size))
         dist.init_process_group(backend, rank=rank, world_size=world_size)
     return device
 

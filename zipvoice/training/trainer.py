@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -59,6 +60,13 @@ from zipvoice.training.experiment_log import (
     setup_run_logging,
 )
 from zipvoice.training.final_model import save_final_product, save_step_adapter
+from zipvoice.training.interrupt import (
+    StopRequest,
+    TrainingInterrupted,
+    interrupted_message,
+    seed_step,
+    spawn_ranks,
+)
 from zipvoice.training.model_setup import (
     ModelSetup,
     TrainablePredicate,
@@ -78,6 +86,7 @@ from zipvoice.training.steps import (
     set_batch_count,
 )
 from zipvoice.utils.cli import fix_random_seed
+from zipvoice.utils.resources import apply_num_threads
 
 logger = logging.getLogger("zipvoice.train")
 
@@ -114,6 +123,7 @@ class Trainer:
         self.last_loss = float("nan")
         self.last_terms: dict[str, float] = {}  # replay/distillation scalars of the last step
         self.experiment: ExperimentLog | None = None
+        self.stop_request = StopRequest()  # replaced by an installed one during fit_rank
         self.eval_scores: dict[str, float] = {}  # {metric: mean} of the last --eval-list run
 
     # ------------------------------------------------------------------ running
@@ -131,11 +141,9 @@ class Trainer:
         world_size = self.config.run.world_size
         with FolderLock(self.exp_dir, "training run"):
             if world_size > 1:
-                import torch.multiprocessing as mp
-
                 master = os.environ.get("MASTER_ADDR", "localhost")
                 check_port_free(self.config.run.master_port, master)
-                mp.spawn(_fit_rank, args=(world_size, self), nprocs=world_size, join=True)
+                spawn_ranks(_fit_rank, self, world_size)
                 return None
             return self.fit_rank(0, 1)
 
@@ -156,16 +164,22 @@ class Trainer:
         """The whole run on this rank: set up, loop, final validation and save."""
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         handler = setup_run_logging(self.exp_dir, rank)
+        apply_num_threads(self.config.run.num_threads, world_size)
         device = setup_distributed(rank, world_size, self.config.run.master_port)
         try:
-            self.setup(rank, world_size, device)
-            if self._loop():
-                every = self.config.valid_interval
-                if every <= 0 or self.state.step % every != 0:
-                    self.validate()
-                self.save(final=True)
-                logger.info("training finished at step %d", self.state.step)
+            with StopRequest("rank" if world_size > 1 else "single") as self.stop_request:
+                self.setup(rank, world_size, device)
+                if self._loop():
+                    every = self.config.valid_interval
+                    if every <= 0 or self.state.step % every != 0:
+                        self.validate()
+                    self.save(final=True)
+                    logger.info("training finished at step %d", self.state.step)
             return unwrap_ddp(self.model)
+        except TrainingInterrupted:
+            if world_size > 1:
+                return unwrap_ddp(self.model)  # the parent process reports the interruption
+            raise
         finally:
             if self.experiment is not None:
                 self.experiment.close()
@@ -301,8 +315,14 @@ class Trainer:
         from zipvoice.dataset.datamodule import TtsDataModule
 
         data = self.config.data
-        datamodule = TtsDataModule(data, tokenizer=self.tokenizer, seed=self.config.run.seed)
+        datamodule = TtsDataModule(
+            data, tokenizer=self.tokenizer, seed=self.config.run.seed, processes=self.world_size
+        )
         train_cuts, dev_cuts = datamodule.train_cuts(), datamodule.dev_cuts()
+        logger.info(
+            "%d intra-op thread(s), %d data-loader worker(s) per process (--num-threads, "
+            "--num-workers)", torch.get_num_threads(), datamodule.num_workers,
+        )  # fmt: skip
         self.sampler_state = checkpoint.get("sampler") if checkpoint is not None else None
         self.train_dl = datamodule.train_dataloaders(
             train_cuts,
@@ -412,6 +432,7 @@ class Trainer:
                 self.save(final=False)
             if any([callback.on_step_end(self) for callback in self.callbacks]):
                 return "stopped"
+            self._stop_if_interrupted(saved=run.save_every_n > 0 and step % run.save_every_n == 0)
             if finished:
                 break
         return "done" if saw_batch else "empty"
@@ -420,6 +441,7 @@ class Trainer:
         """Schedules, forward, backward, optimiser update; False if the batch was skipped
         because its loss was not finite on some rank."""
         config, state = self.config, self.state
+        seed_step(config.run.seed, self.rank, state.step)
         batch = prepare_batch(raw_batch, self.tokenizer, config.model.feat_scale, self.device)
         count = adjusted_batch_count(
             state.step, config.data.max_duration, self.world_size, config.model.ref_duration
@@ -457,6 +479,22 @@ class Trainer:
         if self.model_avg is not None and state.step % period == 0:
             ckpt.update_average(self.model_avg, unwrap_ddp(self.model), state.step, period)
         return True
+
+    def _stop_if_interrupted(self, saved: bool) -> None:
+        """After a step: if a signal arrived on any rank, save (unless this step just was) and
+        raise TrainingInterrupted on every rank (zipvoice.training.interrupt)."""
+        requested = self.stop_request.requested
+        if self.world_size > 1:
+            requested = not all_ranks_agree(not requested, self.world_size, self.device)
+        if not requested or self._finished(self.config.run.num_iters or None):
+            return  # on the last step the final save follows anyway
+        if not saved:
+            self.save(final=False)
+        checkpoint = self.exp_dir / f"checkpoint-{self.state.step}.pt"
+        signum = self.stop_request.signum or signal.SIGINT
+        raise TrainingInterrupted(
+            signum, interrupted_message(self.state.step, str(checkpoint), signum)
+        )
 
     def _skip_bad_batch(self, loss: float, cut_ids: list[str]) -> None:
         state, limit = self.state, self.config.run.max_bad_batches

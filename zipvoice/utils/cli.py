@@ -10,8 +10,10 @@ import importlib
 import logging
 import os
 import random
+import shlex
+import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import ParamSpec
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
@@ -98,8 +100,36 @@ def fix_random_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def ignore_interrupts() -> None:
+    """Initializer of worker pools: Ctrl-C reaches the whole process group, and the parent alone
+    should answer it (one line, see exit_on_error), not every worker with its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def is_expected_error(err: BaseException) -> bool:
     return isinstance(err, EXPECTED_ERRORS) or type(err).__module__.startswith("zipvoice.")
+
+
+def current_command(module: str, argv: Sequence[str] | None = None) -> str:
+    """The command line that ran this entry point (`python -m zipvoice.bin.X ...`), to print
+    for "run the same command again"; `argv` when main was called with one."""
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else sys.argv[0]
+    words = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", "-m", module, *map(str, words)])
+
+
+def interrupt_report(
+    err: KeyboardInterrupt, module: str, argv: Sequence[str] | None = None
+) -> tuple[int, str]:
+    """(exit status, the one line to print) for Ctrl-C or SIGTERM: 128 + the signal number
+    (130, 143), and for a run that saved its state (`resume_hint`), the command to continue."""
+    signum = int(getattr(err, "signum", signal.SIGINT))
+    message = str(err) or "stopped at once (Ctrl-C)"
+    if getattr(err, "resume_hint", False):
+        message += f": {current_command(module, argv)}"
+    return 128 + signum, f"interrupted: {message}"
 
 
 def exit_on_error(
@@ -111,7 +141,9 @@ def exit_on_error(
 ) -> Callable[P, int] | Callable[[Callable[P, int | None]], Callable[P, int]]:
     """Decorates an entry point's `main`: an expected error (see EXPECTED_ERRORS; `also` adds
     more) becomes `error: <message>` on stderr and exit code 1, anything else keeps its
-    traceback (a bug). `main` returning None means success (0).
+    traceback (a bug). Ctrl-C or SIGTERM (KeyboardInterrupt, see zipvoice.training.interrupt)
+    becomes one `interrupted: ...` line and 128 + the signal. `main` returning None means
+    success (0).
 
     How the message leaves differs only for in-process callers (run as a command, all give
     `error: ...` on stderr and status 1): by default it is printed and 1 returned; with
@@ -123,6 +155,17 @@ def exit_on_error(
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
             try:
                 code = fn(*args, **kwargs)
+            except KeyboardInterrupt as err:
+                if fn.__module__ == "__main__":  # a command on its way out: no more tracebacks
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                code, line = interrupt_report(err, fn.__module__, args[0] if args else None)
+                if logger is not None:
+                    logger.error("%s", line)
+                else:
+                    print(line, file=sys.stderr)
+                if system_exit:
+                    raise SystemExit(code) from None
+                return code
             except Exception as err:
                 if not (is_expected_error(err) or isinstance(err, also)):
                     raise

@@ -80,3 +80,44 @@ def check_port_free(port: int, host: str = "localhost") -> None:
                 if err.errno == errno.EADDRNOTAVAIL:  # e.g. ::1 on a host without IPv6
                     continue
                 raise
+
+
+# ---------------------------------------------------------------- cores, threads, workers
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container or `taskset` limit counts,
+    unlike os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def choose_num_threads(requested: int, processes: int = 1) -> int:
+    """Intra-op threads for one of `processes` processes sharing the cores: `requested` if > 0;
+    0 (auto): OMP_NUM_THREADS when set to a number (the user chose), else cores // processes,
+    at least 1. More threads than cores spin against each other (measured 30x slower)."""
+    if requested > 0:
+        return requested
+    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if from_env.isdigit() and int(from_env) > 0:
+        return int(from_env)
+    return max(1, available_cores() // max(1, processes))
+
+
+def apply_num_threads(requested: int, processes: int = 1) -> int:
+    """torch.set_num_threads(choose_num_threads(...)); returns that count."""
+    import torch
+
+    threads = choose_num_threads(requested, processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def choose_num_workers(requested: int, processes: int = 1) -> int:
+    """Data-loader worker processes: `requested` if >= 0; -1 (auto): min(2, cores per process
+    - 1), so that the training process keeps a core (0 workers on a single core)."""
+    if requested >= 0:
+        return requested
+    per_process = max(1, available_cores() // max(1, processes))
+    return max(0, min(2, per_process - 1))
