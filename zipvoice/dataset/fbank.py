@@ -10,7 +10,6 @@ and manifest whole.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import secrets
@@ -32,8 +31,6 @@ from zipvoice.utils.feature import VocosFbank
 logger = logging.getLogger(__name__)
 
 CHUNKS_PER_JOB = 4  # more chunks than workers keeps the progress bar moving and loads balanced
-# Starting a worker (importing torch and lhotse) costs seconds; below this it is not worth it.
-MIN_CUTS_PER_JOB = 50
 
 
 class FeatureComputationError(ValueError):
@@ -183,11 +180,10 @@ def compute_fbank(
 def _compute_all(
     cuts: list[Cut], storage_dir: Path, run: str, num_jobs: int, progress: bool, source: Path
 ) -> list[Cut]:
-    """Features for every cut, in input order, in `num_jobs` processes (a worker only pays
-    for its start-up with at least MIN_CUTS_PER_JOB cuts)."""
+    """Features for every cut, in input order, in `num_jobs` processes (at most one per cut)."""
     if num_jobs < 1:
         raise ValueError(f"--num-jobs must be >= 1, got {num_jobs}")
-    num_jobs = max(1, min(num_jobs, math.ceil(len(cuts) / MIN_CUTS_PER_JOB)))
+    num_jobs = min(num_jobs, len(cuts))  # --num-jobs as asked, even for a small set
     logger.info("Computing features for %d cuts of %s with %d job(s)", len(cuts), source, num_jobs)
     if num_jobs == 1:
         return _compute_chunk(cuts, str(storage_dir / f"{run}0000"), progress=progress)
