@@ -37,6 +37,12 @@ from zipvoice.training.config import (
     RunConfig,
 )
 from zipvoice.utils.cli import exit_on_error, setup_logging, str2bool
+from zipvoice.utils.validate import (
+    finite_float,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 MODEL, LORA, OPTIM, RUN = ModelConfig(), AdapterConfig().lora, OptimConfig(), RunConfig()
 EVAL = EvalConfig()
@@ -61,8 +67,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(adapters) keeps its warm-up + --lr-schedule")
     add("--train-text-encoder", type=str2bool, default=MODEL.train_text_encoder,
         help="also train the text encoder (with LoRA the embedding always trains)")
-    add("--feat-scale", type=float, default=MODEL.feat_scale, help="features are multiplied by it")
-    add("--condition-drop-ratio", type=float, default=MODEL.condition_drop_ratio,
+    add("--feat-scale", type=positive_float, default=MODEL.feat_scale,
+        help="features are multiplied by it")
+    add("--condition-drop-ratio", type=finite_float, default=MODEL.condition_drop_ratio,
         help="probability of dropping an utterance's text condition")
     add("--ref-duration", type=float, default=MODEL.ref_duration,
         help="seconds of audio per batch that the model's internal schedules assume")
@@ -77,10 +84,12 @@ def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     # fmt: off
     add("--use-lora", type=str2bool, default=AdapterConfig().use_lora,
         help="train LoRA/DoRA adapters on the decoder; the base decoder stays frozen")
-    add("--lora-rank", type=int, default=LORA.rank, help="adapter rank r")
-    add("--lora-alpha", type=float, default=LORA.alpha, help="adapter scaling numerator alpha")
+    add("--lora-rank", type=positive_int, default=LORA.rank, help="adapter rank r")
+    add("--lora-alpha", type=positive_float, default=LORA.alpha,
+        help="adapter scaling numerator alpha")
     add("--use-dora", type=str2bool, default=LORA.use_dora, help="DoRA instead of plain LoRA")
-    add("--lora-dropout", type=float, default=LORA.dropout, help="dropout on the adapter input")
+    add("--lora-dropout", type=finite_float, default=LORA.dropout,
+        help="dropout on the adapter input")
     add("--lora-target-modules", type=str, default=LORA.target_modules,
         help=f"a preset ({', '.join(PRESETS)}) or comma-separated module suffixes/names")
     add("--lora-init", type=str, default=LORA.init,
@@ -97,18 +106,20 @@ def _add_optim_arguments(parser: argparse.ArgumentParser) -> None:
     add("--optimizer", type=str, default=OPTIM.optimizer, choices=OPTIMIZERS,
         help="auto: AdamW + warm-up + cosine for adapters (this project's schedule); ScaledAdam "
         "for full training, with upstream's schedules (constant with --finetune 1, else Eden)")
-    add("--base-lr", type=float, default=OPTIM.base_lr,
+    add("--base-lr", type=positive_float, default=OPTIM.base_lr,
         help="base learning rate (None: 1e-3 with AdamW, i.e. for adapters; 0.02 with "
         "ScaledAdam, i.e. full training as upstream)")
     add("--warmup-steps", type=int, default=OPTIM.warmup_steps,
         help="AdamW linear warm-up steps (-1: 5%% of --num-iters, at most 500)")
     add("--lr-schedule", type=str, default=OPTIM.lr_schedule, choices=LR_SCHEDULES,
         help="AdamW schedule after warm-up (cosine needs --num-iters)")
-    add("--weight-decay", type=float, default=OPTIM.weight_decay, help="AdamW weight decay")
-    add("--grad-clip", type=float, default=OPTIM.grad_clip,
+    add("--weight-decay", type=non_negative_float, default=OPTIM.weight_decay,
+        help="AdamW weight decay")
+    add("--grad-clip", type=non_negative_float, default=OPTIM.grad_clip,
         help="AdamW gradient-norm clipping (0: off); ScaledAdam clips on its own")
-    add("--lr-batches", type=float, default=OPTIM.lr_batches, help="Eden: batches of lr decay")
-    add("--lr-epochs", type=float, default=OPTIM.lr_epochs,
+    add("--lr-batches", type=positive_float, default=OPTIM.lr_batches,
+        help="Eden: batches of lr decay")
+    add("--lr-epochs", type=positive_float, default=OPTIM.lr_epochs,
         help="Eden: epochs of lr decay (stepped at each epoch's start; unused with --lr-hours)")
     add("--lr-hours", type=float, default=OPTIM.lr_hours,
         help="Eden: if > 0, hours of audio of lr decay (replaces --lr-epochs)")
@@ -160,7 +171,7 @@ def _add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add = group.add_argument
     # fmt: off
-    add("--kd-weight", type=float, default=MODEL.kd_weight,
+    add("--kd-weight", type=non_negative_float, default=MODEL.kd_weight,
         help="weight of the distillation term: mean squared distance between the trained and "
         "the start model's velocity on the --kd-on region (0: off)")
     add("--kd-on", type=str, default=MODEL.kd_on, choices=KD_REGIONS,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zipvoice.utils.cli import str2bool
+from zipvoice.utils.validate import finite_float, positive_float
 
 DATASETS = ("emilia", "libritts", "custom")
 # Here rather than beside their code, so that the entry points' --help does not import lhotse.
@@ -60,7 +61,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     add("--manifest-dir", type=Path, default=d.manifest_dir,
         help="Directory with the train/dev cut manifests (relative --train-manifest and "
         "--dev-manifest paths are also looked up here).")
-    add("--max-duration", type=float, default=d.max_duration,
+    add("--max-duration", type=positive_float, default=d.max_duration,
         help="Maximum total audio duration (seconds) in one batch; lower it on OOM.")
     add("--bucketing-sampler", type=str2bool, default=d.bucketing_sampler,
         help="Batch utterances of similar duration together (less padding).")
@@ -91,7 +92,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     add("--replay-manifest", type=str, default=d.replay_manifest,
         help="Cuts of the pretraining domain (with precomputed features) mixed into every "
         "training batch, against forgetting (docs/lora.md).")
-    add("--replay-ratio", type=float, default=d.replay_ratio,
+    add("--replay-ratio", type=finite_float, default=d.replay_ratio,
         help="Share of each batch's duration taken by --replay-manifest cuts (0 < r < 1).")
     add("--replay-tokenizer", type=str, default=d.replay_tokenizer,
         help="Tokenizer of the base model, for replay cuts without stored tokens (their token "

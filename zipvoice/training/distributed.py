@@ -48,7 +48,15 @@ def setup_distributed(rank: int, world_size: int, master_port: int) -> torch.dev
 
 
 def teardown_distributed(world_size: int) -> None:
+    """Leave the process group cleanly. A barrier first, then a moment without the GIL: gloo's
+    worker thread frees each finished collective (it needs the GIL to drop the Python tensors
+    it held). Destroying the group, or the DDP reducer that owns it, while such a free is
+    pending deadlocks in ~ProcessGroupGloo (seen with torchrun: one rank never exits)."""
     if world_size > 1 and dist.is_initialized():
+        import time
+
+        dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

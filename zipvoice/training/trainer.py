@@ -183,6 +183,8 @@ class Trainer:
         finally:
             if self.experiment is not None:
                 self.experiment.close()
+            if world_size > 1 and hasattr(self, "model"):
+                self.model = unwrap_ddp(self.model)  # free the DDP reducer before the group
             teardown_distributed(world_size)
             if handler is not None:
                 logger.removeHandler(handler)
