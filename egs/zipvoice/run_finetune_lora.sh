@@ -41,7 +41,7 @@ knobs=(
   forgetting_manifest wandb_project train_extra_args
   replay_manifest replay_ratio replay_tokenizer replay_lang kd_weight kd_on
   trainable_modules freeze_modules select_metric
-  lora_scale text prompt_wav prompt_text test_list res_dir infer_extra_args
+  lora_scale lora_t_range text prompt_wav prompt_text test_list res_dir infer_extra_args
   onnx_dir onnx_int8
 )
 
@@ -112,6 +112,8 @@ train_extra_args=${train_extra_args:-}        # more train_zipvoice flags, split
 
 # Inference. The prompt defaults to the first utterance of the dev tsv.
 lora_scale=${lora_scale:-1.0}
+# Time-gated adapter: apply it only for flow times in [A,B), e.g. 0,0.5 (empty: always).
+lora_t_range=${lora_t_range:-}
 text=${text:-今日はとても良い天気ですね。}
 prompt_wav=${prompt_wav:-}
 prompt_text=${prompt_text:-}
@@ -425,6 +427,7 @@ if run_stage 6; then
     --model-dir "$model_dir" \
     --lora-path "$exp_dir/adapter" \
     --lora-scale "$lora_scale" \
+    ${lora_t_range:+--lora-t-range "$lora_t_range"} \
     "${common[@]}" "${io[@]}" ${extra[@]+"${extra[@]}"}
 fi
 
@@ -435,6 +438,7 @@ if run_stage 7; then
     --model-dir "$model_dir" \
     --lora-path "$exp_dir/adapter" \
     --lora-scale "$lora_scale" \
+    ${lora_t_range:+--lora-t-range "$lora_t_range"} \
     --onnx-model-dir "$onnx_dir" \
     --int8 "$onnx_int8" \
     --tokenizer japanese
