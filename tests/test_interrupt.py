@@ -100,7 +100,7 @@ def _interrupt_lines(output: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: it may pass under load
     reason="known defect (issue 18): after a SIGINT with 2 data-loader workers the resumed "
     "adapter differs from an uninterrupted run's on a quiet machine (it matched under heavy "
     "load, so it depends on where the signal lands relative to the workers' prefetch); 0 vs 2 "
