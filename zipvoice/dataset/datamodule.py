@@ -4,10 +4,12 @@ Flags follow upstream ZipVoice (`--manifest-dir --max-duration --bucketing-sampl
 the dataset selection (`--dataset --train-manifest --dev-manifest --min-len --max-len`) here
 rather than in the training script, so every entry point that trains shares one definition.
 
-The training sampler's position lives in `train_dl.sampler.state_dict()`: save it with a
-checkpoint and pass it back as `train_dataloaders(cuts, sampler_state_dict=...)` to resume
-mid-epoch. Call `train_dl.sampler.set_epoch(epoch)` at the start of each epoch so the shuffle
-differs per epoch but is reproducible.
+The training sampler's position lives in `train_dl.sampler.state_dict()`; with workers the
+sampler runs ahead of training (prefetch), so a checkpoint saves it as of the last consumed batch
+(`zipvoice.dataset.sampler_position.SamplerPosition`) and passes it back as
+`train_dataloaders(cuts, sampler_state_dict=...)` to resume mid-epoch. Call
+`train_dl.sampler.set_epoch(epoch)` at the start of each epoch so the shuffle differs per epoch
+but is reproducible.
 """
 
 from __future__ import annotations

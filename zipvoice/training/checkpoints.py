@@ -13,7 +13,6 @@ the `--resume` policy with it:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -335,29 +334,6 @@ def choose_resume_checkpoint(resume: str, exp_dir: Path, identity: Mapping) -> P
         except TrainingError as err:
             logger.warning("skipping unreadable checkpoint: %s", err)
     raise TrainingError(f"no readable checkpoint in {exp_dir}")
-
-
-def sampler_state_after(sampler: Any, consumed: int) -> dict[str, Any]:
-    """The sampler's state as if exactly `consumed` batches of this epoch had been drawn.
-
-    DataLoader workers prefetch, so the sampler itself is a few batches ahead of training;
-    lhotse restores a position by replaying the epoch's recorded batch count, so that count is
-    set to what training actually consumed.
-    """
-    state = copy.deepcopy(sampler.state_dict())
-    _set_consumed(state, consumed)
-    return state
-
-
-def _set_consumed(state: dict[str, Any], consumed: int) -> None:
-    """In a sampler's state, and in each of a ZipSampler's (replay) sub-samplers' states."""
-    epoch = state.get("epoch")
-    stats = state.get("diagnostics", {}).get("stats_per_epoch", {}).get(epoch)
-    if stats is not None:
-        stats["kept_batches"] = consumed
-        stats["discarded_batches"] = 0
-    for sub_state in state.get("samplers") or ():
-        _set_consumed(sub_state, consumed)
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zipvoice.dataset.sampler_position import SamplerPosition
 from zipvoice.training import checkpoints as ckpt
 from zipvoice.training import forgetting
 from zipvoice.training.callbacks import Callback
@@ -331,6 +332,8 @@ class Trainer:
             sampler_state_dict=self.sampler_state,
             replay_cuts=forgetting.replay_cuts(datamodule, self.tokenizer),
         )
+        # Workers prefetch: checkpoints save the sampler as of the last batch trained on.
+        self.sampler_position = SamplerPosition(self.train_dl.sampler)
         self.dev_dl = datamodule.dev_dataloaders(dev_cuts)
         self.forgetting_dl = None
         if data.forgetting_manifest:
@@ -412,6 +415,7 @@ class Trainer:
         """One pass over the sampler: "done", "empty" (no batch) or "stopped" (a callback)."""
         run = self.config.run
         saw_batch = False
+        self.sampler_position.restart()
         batches = iter(self.train_dl)
         if self._rng_to_restore is not None:
             # Starting the DataLoader draws from the global RNG; the saved state was taken
@@ -420,6 +424,7 @@ class Trainer:
             self._rng_to_restore = None
         for raw_batch in batches:
             saw_batch = True
+            self.sampler_position.consumed()
             self.state.batches_in_epoch += 1
             if not self.train_step(raw_batch):
                 continue
@@ -594,7 +599,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "grad_scaler": self.scaler.state_dict() if self.use_amp else None,
-                "sampler": ckpt.sampler_state_after(self.train_dl.sampler, state.batches_in_epoch),
+                "sampler": self.sampler_position.state_dict(),
                 "rng": gathered,
                 "step": state.step,
                 "epoch": state.epoch,
