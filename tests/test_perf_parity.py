@@ -159,3 +159,23 @@ def test_fused_scaled_adam_equals_the_per_tensor_loop():
     torch.manual_seed(0)
     moved = torch.randn(64, 32) * 2.0
     assert (fused[0] - moved).abs().max() > 1e-3  # the steps did move the weights
+
+
+@pytest.mark.parametrize("kernel", [31, 7])
+@pytest.mark.parametrize("padded", [False, True])
+def test_channels_last_depthwise_conv_equals_conv1d(kernel, padded):
+    """The convolution module's inference layout against Conv1d on (B, C, T)."""
+    from zipvoice.models.modules.fastpath import gated_depthwise_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(24, 24, kernel, groups=24, padding=kernel // 2)
+    x, gate = torch.randn(40, 3, 24), torch.rand(40, 3, 24)
+    mask = torch.arange(40)[None, :] >= torch.tensor([40, 33, 5])[:, None] if padded else None
+    plain = (x * gate).permute(1, 2, 0)
+    if mask is not None:
+        plain = plain.masked_fill(mask.unsqueeze(1), 0.0)
+    with torch.no_grad():
+        expected = conv(plain)
+        got = gated_depthwise_conv(conv, x, gate, mask)
+    assert got.shape == expected.shape == (3, 24, 40)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
