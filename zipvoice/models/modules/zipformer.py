@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from zipvoice.models.modules.fastpath import gated_depthwise_conv, use_inference_layout
 from zipvoice.models.modules.scaling import (
     ActivationDropoutAndLinear,
     Balancer,
@@ -31,7 +32,6 @@ from zipvoice.models.modules.scaling import (
     penalize_abs_values_gt,
     softmax,
 )
-from zipvoice.models.modules.fastpath import gated_depthwise_conv, use_inference_layout
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
