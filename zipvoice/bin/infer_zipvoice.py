@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     check_io_arguments(args)
     from zipvoice.inference.torch_backend import model_kind, torch_sampler, torch_vocoder
+    from zipvoice.utils.allocator import keep_freed_memory
     from zipvoice.utils.resources import apply_num_threads
 
+    keep_freed_memory()  # generation's large temporaries reuse freed memory
     apply_num_threads(args.num_thread)
     device = resolve_device(args.device)
     model, token_file, meta = load_model_from_args(args)
