@@ -34,6 +34,8 @@ MODULES: dict[str, dict[str, str]] = {
         "update_average": "zipvoice.training.checkpoints",
         "torch_sampler": "zipvoice.inference.torch_backend",
         "torch_vocoder": "zipvoice.inference.torch_backend",
+        # what infer_zipvoice applies before generating; only later revisions have it
+        "keep_freed_memory": "zipvoice.utils.allocator",
         "export_model": "zipvoice.onnx.export",
         "OnnxZipVoice": "zipvoice.onnx.runtime",
         # replay and distillation (+replay / +kd rows); only later revisions have it

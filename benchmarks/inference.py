@@ -57,7 +57,7 @@ from _common import (  # noqa: E402
     run_worker,
     synchronize,
 )
-from _layout import describe_layouts, layout, library  # noqa: E402
+from _layout import describe_layouts, has_module, layout, library  # noqa: E402
 
 METHODS = ("base", "distill", "merged", "lora", "dora", "onnx-fp32", "onnx-int8")
 PRESETS = {
@@ -170,6 +170,9 @@ def worker(cli: argparse.Namespace) -> None:
     run_device = torch.device("cpu") if is_onnx else torch_device
     threads = cli.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    if not is_onnx and has_module("zipvoice.utils.allocator"):
+        # What infer_zipvoice does first, in revisions that have it.
+        library("keep_freed_memory")()
     sample, feat_dim = make_sampler(method, cli, torch_device, threads)
     vocode = None
     if cli.vocoder:

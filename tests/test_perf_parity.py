@@ -125,3 +125,57 @@ def test_decoder_inference_path_matches_the_autograd_path():
         with torch.inference_mode():
             fast = decoder(x, t=t, padding_mask=mask)
         torch.testing.assert_close(fast, reference, atol=ATOL, rtol=0)
+
+
+def _scaled_adam_run(foreach: bool) -> list[torch.Tensor]:
+    """Twelve ScaledAdam steps on mixed shapes (matrices, vectors, scalars, a tensor whose
+    gradient is missing on some steps), with gradient clipping active on two of them."""
+    from zipvoice.utils.optim import ScaledAdam
+
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (1,), (7, 3, 5), (300, 40), (40,), (1,), (9, 9)]
+    params = [
+        torch.nn.Parameter(torch.randn(shape) * (2.0 if i % 3 == 0 else 0.05))
+        for i, shape in enumerate(shapes)
+    ]
+    optimizer = ScaledAdam(params, lr=0.02, clipping_scale=2.0, foreach=foreach)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(12):
+        scale = 1e-2 if step in (5, 9) else 1e-3  # large gradients: clipped
+        for i, p in enumerate(params):
+            missing = i == len(params) - 1 and step in (2, 3, 4)
+            p.grad = None if missing else torch.randn(p.shape, generator=generator) * scale
+        optimizer.step()
+    assert optimizer._num_clipped == 2
+    return [p.detach() for p in params]
+
+
+def test_fused_scaled_adam_equals_the_per_tensor_loop():
+    """The torch._foreach_* update (reductions in another order, addcdiv) against the plain
+    per-tensor loop: the same parameters up to float rounding."""
+    fused, loop = _scaled_adam_run(True), _scaled_adam_run(False)
+    for a, b in zip(fused, loop, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    torch.manual_seed(0)
+    moved = torch.randn(64, 32) * 2.0
+    assert (fused[0] - moved).abs().max() > 1e-3  # the steps did move the weights
+
+
+@pytest.mark.parametrize("kernel", [31, 7])
+@pytest.mark.parametrize("padded", [False, True])
+def test_channels_last_depthwise_conv_equals_conv1d(kernel, padded):
+    """The convolution module's inference layout against Conv1d on (B, C, T)."""
+    from zipvoice.models.modules.fastpath import gated_depthwise_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(24, 24, kernel, groups=24, padding=kernel // 2)
+    x, gate = torch.randn(40, 3, 24), torch.rand(40, 3, 24)
+    mask = torch.arange(40)[None, :] >= torch.tensor([40, 33, 5])[:, None] if padded else None
+    plain = (x * gate).permute(1, 2, 0)
+    if mask is not None:
+        plain = plain.masked_fill(mask.unsqueeze(1), 0.0)
+    with torch.no_grad():
+        expected = conv(plain)
+        got = gated_depthwise_conv(conv, x, gate, mask)
+    assert got.shape == expected.shape == (3, 24, 40)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)

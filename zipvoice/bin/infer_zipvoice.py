@@ -24,7 +24,7 @@ from zipvoice.inference.flags import (
     run_from_args,
     synthesizer_from_args,
 )
-from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging
+from zipvoice.utils.cli import exit_on_error, fix_random_seed, setup_logging, str2bool
 from zipvoice.utils.validate import resolve_device
 
 
@@ -42,6 +42,13 @@ def get_parser() -> argparse.ArgumentParser:
         "'griffin-lim' needs no download (offline, lower quality).",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ...; default: best found.")
+    parser.add_argument(
+        "--compile",
+        type=str2bool,
+        default=False,
+        help="Compile the decoder with torch.compile: the first generation of each length pays "
+        "the compilation (minutes on a small CPU), later steps run faster.",
+    )
     add_generation_arguments(parser)
     return parser
 
@@ -53,12 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     check_io_arguments(args)
     from zipvoice.inference.torch_backend import model_kind, torch_sampler, torch_vocoder
+    from zipvoice.utils.allocator import keep_freed_memory
     from zipvoice.utils.resources import apply_num_threads
 
+    keep_freed_memory()  # generation's large temporaries reuse freed memory
     apply_num_threads(args.num_thread)
     device = resolve_device(args.device)
     model, token_file, meta = load_model_from_args(args)
     model.to(device)
+    if args.compile:
+        from zipvoice.inference.torch_backend import compile_decoder
+
+        compile_decoder(model)
     resolve_sampling_defaults(args, model_kind(model))
     from zipvoice.models.vocoder import load_vocoder
 

@@ -115,6 +115,22 @@ def load_model_for_inference(
     return model, token_path, meta
 
 
+def compile_decoder(model: nn.Module) -> nn.Module:
+    """Compile the flow-matching decoder in place with `torch.compile` (inductor).
+
+    The decoder is the only part that runs once per Euler step, so it is the part worth
+    compiling; the module keeps its identity and state-dict keys (`nn.Module.compile`). Under
+    compilation the modules take their plain, exportable paths (`scaling.is_exporting`), which
+    inductor fuses; tests/test_compile.py pins compiled against eager outputs. The first call
+    per input shape pays the compilation (minutes for the released model on a small CPU;
+    docs/benchmarks.md has the measured warm-up), which is why `--compile` is off by default.
+    """
+    if getattr(model, "time_gate", None) is not None:
+        raise ValueError("--compile does not combine with --lora-t-range (weights swap per step)")
+    model.fm_decoder.compile()
+    return model
+
+
 def torch_sampler(
     model: nn.Module,
     num_step: int,

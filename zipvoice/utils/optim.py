@@ -19,6 +19,24 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+# Elements per fused chunk of ScaledAdam's update: its temporaries (two per tensor) stay small
+# and the chunk's passes run in cache.
+_FOREACH_CHUNK_ELEMENTS = 1 << 19
+
+
+def _chunks(params: list[Tensor], max_elements: int) -> Iterable[list[Tensor]]:
+    """Consecutive runs of params holding about max_elements (at least one tensor each)."""
+    chunk: list[Tensor] = []
+    size = 0
+    for p in params:
+        if chunk and size + p.numel() > max_elements:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += p.numel()
+    if chunk:
+        yield chunk
+
 
 class ScaledAdam(Optimizer):
     """Adam whose step for a tensor is proportional to the tensor's RMS (upstream's ScaledAdam).
@@ -43,6 +61,7 @@ class ScaledAdam(Optimizer):
         scalar_max: float = 10.0,
         size_update_period: int = 4,
         clipping_update_period: int = 100,
+        foreach: bool = True,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
@@ -65,6 +84,8 @@ class ScaledAdam(Optimizer):
         self._clip_threshold: float | None = None
         self._num_clipped = 0
         self._num_steps = 0
+        # foreach=False is the plain per-tensor loop the fused path is tested against.
+        self.foreach = foreach
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -85,16 +106,22 @@ class ScaledAdam(Optimizer):
             self._clip_threshold = None if threshold < 0 else threshold
             self._num_steps = int(clipping["num_steps"])
 
-    def _clipping_factor(self) -> float:
-        """Factor to multiply all gradients by, from the median of recent total norms."""
-        group0 = self.param_groups[0]
-        clipping_scale = group0["clipping_scale"]
-        if clipping_scale is None:
-            return 1.0
+    def _weighted_grad_sumsq(self) -> Tensor | None:
+        """Sum over tensors of |grad * rms(p)|^2 (the clipping norm squared), or None."""
         sumsq: Tensor | None = None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
+            params = [p for p in group["params"] if p.grad is not None]
+            fused = [p for p in params if self._fusable(p)]
+            if fused:
+                # Two reads per tensor and no temporaries: |g * rms|^2 = (|g| * |p| / sqrt(n))^2.
+                p_norms = torch.stack(torch._foreach_norm(fused))
+                g_norms = torch.stack(torch._foreach_norm([p.grad for p in fused]))
+                sizes = torch.tensor([p.numel() for p in fused], dtype=p_norms.dtype)
+                rms = (p_norms / sizes.to(p_norms.device).sqrt()).clamp(min=group["param_min_rms"])
+                term = ((g_norms * rms) ** 2).sum()
+                sumsq = term if sumsq is None else sumsq + term.to(sumsq.device)
+            for p in params:
+                if self._fusable(p):
                     continue
                 grad = p.grad.detach().float()
                 if p.numel() > 1:
@@ -104,6 +131,26 @@ class ScaledAdam(Optimizer):
                     grad = grad * rms
                 term = (grad**2).sum()
                 sumsq = term if sumsq is None else sumsq + term.to(sumsq.device)
+        return sumsq
+
+    def _fusable(self, p: Tensor) -> bool:
+        """Whether p takes the fused (torch._foreach_*) path: a dense float32/64 tensor."""
+        return (
+            self.foreach
+            and p.numel() > 1
+            and p.dtype in (torch.float32, torch.float64)
+            and not p.grad.is_sparse
+            and p.is_contiguous()
+            and p.grad.is_contiguous()
+        )
+
+    def _clipping_factor(self) -> float:
+        """Factor to multiply all gradients by, from the median of recent total norms."""
+        group0 = self.param_groups[0]
+        clipping_scale = group0["clipping_scale"]
+        if clipping_scale is None:
+            return 1.0
+        sumsq = self._weighted_grad_sumsq()
         if sumsq is None:
             return 1.0
         total_norm = float(sumsq.sqrt())
@@ -128,20 +175,29 @@ class ScaledAdam(Optimizer):
                 loss = closure()
         clip = self._clipping_factor()
         for group in self.param_groups:
+            fused: dict[int, list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("ScaledAdam does not support sparse gradients")
-                grad = p.grad if clip == 1.0 else p.grad * clip
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(group, p, state)
+                if self._fusable(p):
+                    fused.setdefault(state["step"], []).append(p)
+                    continue
+                grad = p.grad if clip == 1.0 else p.grad * clip
                 if p.numel() == 1:
                     self._step_scalar(group, p, grad, state)
                 else:
                     self._step_tensor(group, p, grad, state)
                 state["step"] += 1
+            for params in fused.values():
+                for chunk in _chunks(params, _FOREACH_CHUNK_ELEMENTS):
+                    self._step_tensors(group, chunk, clip)
+                for p in params:
+                    self.state[p]["step"] += 1
         self._num_steps += 1
         return loss
 
@@ -168,37 +224,71 @@ class ScaledAdam(Optimizer):
         denom = (exp_avg_sq / bias_correction2).sqrt() + group["eps"]
         return grad / denom
 
-    def _step_tensor(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
+    @staticmethod
+    def _update_size(group: dict, p: Tensor, state: dict) -> None:
+        """Every `size_update_period` steps: refresh rms(p) and, from the accumulated
+        d(loss)/d(log scale), add a step on the tensor's overall size to its delta."""
         beta1, beta2 = group["betas"]
         lr = group["lr"]
+        period = group["size_update_period"]
+        step = state["step"]
+        param_rms = state["param_rms"]
+        param_rms.copy_((p**2).mean().sqrt().clamp(min=group["param_min_rms"]))
+        if step == 0:
+            return
+        scale_grads = state["scale_grads"]
+        scale_exp_avg_sq = state["scale_exp_avg_sq"]
+        scale_exp_avg_sq.mul_(beta2**period).add_((scale_grads**2).mean(), alpha=1 - beta2**period)
+        size_step = (step + 1) // period
+        bias_correction2 = 1 - beta2 ** (period * size_step)
+        denom = (scale_exp_avg_sq / bias_correction2).sqrt() + group["eps"]
+        scale_step = -lr * group.get("scalar_lr_scale", 0.1) * scale_grads.sum() / denom
+        too_large = param_rms >= group["param_max_rms"]
+        # Past the maximum size, always shrink by a fixed small amount.
+        scale_step = torch.where(too_large, torch.full_like(scale_step, -lr * 0.1), scale_step)
+        state["delta"].add_(p * scale_step, alpha=1 - beta1)
+
+    def _step_tensor(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
+        beta1 = group["betas"][0]
         period = group["size_update_period"]
         step = state["step"]
         delta = state["delta"]
         # Learn the tensor's overall size: accumulate d(loss)/d(log scale) = sum(p * grad).
         state["scale_grads"][step % period] = (p * grad).sum()
         if step % period == period - 1:
-            param_rms = state["param_rms"]
-            param_rms.copy_((p**2).mean().sqrt().clamp(min=group["param_min_rms"]))
-            if step > 0:
-                scale_grads = state["scale_grads"]
-                scale_exp_avg_sq = state["scale_exp_avg_sq"]
-                scale_exp_avg_sq.mul_(beta2**period).add_(
-                    (scale_grads**2).mean(), alpha=1 - beta2**period
-                )
-                size_step = (step + 1) // period
-                bias_correction2 = 1 - beta2 ** (period * size_step)
-                denom = (scale_exp_avg_sq / bias_correction2).sqrt() + group["eps"]
-                scale_step = -lr * group.get("scalar_lr_scale", 0.1) * scale_grads.sum() / denom
-                too_large = param_rms >= group["param_max_rms"]
-                # Past the maximum size, always shrink by a fixed small amount.
-                scale_step = torch.where(
-                    too_large, torch.full_like(scale_step, -lr * 0.1), scale_step
-                )
-                delta.add_(p * scale_step, alpha=1 - beta1)
+            self._update_size(group, p, state)
         direction = self._adam_direction(group, grad, state)
-        alpha = -lr * (1 - beta1) * state["param_rms"].clamp(min=group["param_min_rms"])
+        alpha = -group["lr"] * (1 - beta1) * state["param_rms"].clamp(min=group["param_min_rms"])
         delta.mul_(beta1).add_(direction * alpha)
         p.add_(delta)
+
+    def _step_tensors(self, group: dict, params: list[Tensor], clip: float) -> None:
+        """`_step_tensor` for tensors at the same step, with torch._foreach_* ops: a few
+        passes over each tensor, no per-op dispatch per tensor, and temporaries only for one
+        chunk (the caller bounds its size, which also keeps the passes in cache)."""
+        beta1, beta2 = group["betas"]
+        period = group["size_update_period"]
+        states = [self.state[p] for p in params]
+        step = states[0]["step"]
+        grads = [p.grad for p in params]
+        if clip != 1.0:
+            grads = torch._foreach_mul(grads, clip)
+        for p, grad, state in zip(params, grads, states, strict=True):
+            state["scale_grads"][step % period] = torch.dot(p.view(-1), grad.view(-1))
+            if step % period == period - 1:
+                self._update_size(group, p, state)
+        exp_avg_sq = [state["exp_avg_sq"] for state in states]
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(exp_avg_sq, 1 - beta2 ** (step + 1))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        rms = torch.cat([state["param_rms"] for state in states])
+        alphas = (-group["lr"] * (1 - beta1) * rms.clamp(min=group["param_min_rms"])).tolist()
+        deltas = [state["delta"] for state in states]
+        torch._foreach_mul_(deltas, beta1)
+        torch._foreach_addcdiv_(deltas, grads, denom, alphas)
+        torch._foreach_add_(params, deltas)
 
     def _step_scalar(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
         beta1 = group["betas"][0]

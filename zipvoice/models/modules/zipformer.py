@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from zipvoice.models.modules.fastpath import gated_depthwise_conv, use_inference_layout
 from zipvoice.models.modules.scaling import (
     ActivationDropoutAndLinear,
     Balancer,
@@ -966,6 +967,12 @@ class ConvolutionModule(nn.Module):
         """x: (T, B, C); src_key_padding_mask: (B, T), True at padding."""
         x = self.in_proj(x)
         x, s = x.chunk(2, dim=2)
+        if use_inference_layout(x):  # the same numbers in a faster layout
+            x = gated_depthwise_conv(
+                self.depthwise_conv, x, self.sigmoid(self.balancer1(s)), src_key_padding_mask
+            )
+            x = self.balancer2(x)
+            return self.out_proj(self.whiten(x.permute(2, 0, 1)), consume_input=True)
         x = x * self.sigmoid(self.balancer1(s))
         x = x.permute(1, 2, 0)  # (B, C, T)
         if src_key_padding_mask is not None:
