@@ -324,26 +324,29 @@ def test_onnx_end_to_end_writes_wav_of_expected_length(workdir, capsys):
 
 
 def test_hub_download_of_the_published_onnx_files(workdir, tmp_path, monkeypatch, capsys):
-    """Without --model-dir the published files of --model-name come from the hub (here a
-    local stand-in for hf_hub_download); offline without a cache, one clear line."""
+    """Without --model-dir the published files of --model-name come from the hub through its
+    cache (here filled in the layout huggingface_hub writes, snapshots/<commit>/ + refs/main,
+    with no network: HF_HUB_OFFLINE); offline without a cache, one clear line."""
+    import shutil
+
     from zipvoice.onnx import hub
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     published = workdir / "onnx_base"  # upstream's file names, exported above
-    asked = []
-
-    def fake_download(repo_id: str, filename: str) -> str:
-        asked.append((repo_id, filename))
-        folder, name = filename.split("/")
-        target = tmp_path / "cache" / folder / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes((published / name).read_bytes())
-        return str(target)
-
-    folder = hub.download_onnx_model("zipvoice", int8=True, download=fake_download)
-    assert asked == [("k2-fsa/ZipVoice", f"zipvoice/{n}") for n in hub.onnx_file_names(True)]
-    assert OnnxZipVoice(folder, int8=True).feat_dim == 100
-
+    commit = "0" * 40
+    repo_dir = tmp_path / "cache" / "models--k2-fsa--ZipVoice"
+    snapshot = repo_dir / "snapshots" / commit / "zipvoice"
+    snapshot.mkdir(parents=True)
+    for name in hub.onnx_file_names(True):
+        shutil.copyfile(published / name, snapshot / name)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
     import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    folder = hub.download_onnx_model("zipvoice", int8=True)
+    assert folder == snapshot
+    assert OnnxZipVoice(folder, int8=True).feat_dim == 100
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))

@@ -32,6 +32,7 @@ from zipvoice.dataset.dataset import (
     CutDataError,
     SpeechSynthesisDataset,
     cut_tokens,
+    missing_feature_files,
     on_the_fly_features,
 )
 from zipvoice.utils.resources import choose_num_workers
@@ -142,6 +143,14 @@ class TtsDataModule:
                     f"(cut {', '.join(lacking[:5])}{more}): run zipvoice.bin.compute_fbank on "
                     "it, or pass --on-the-fly-feats true"
                 )
+            missing = missing_feature_files(cuts if eager else [first])
+            if missing:
+                cut_id, path = missing[0]
+                more = f" (and {len(missing) - 1} more file(s))" if len(missing) > 1 else ""
+                raise CutDataError(
+                    f"cut {cut_id} in {manifest}: its feature file {path} does not exist{more}; "
+                    "rerun zipvoice.bin.compute_fbank, or restore the file"
+                )
         if first.supervisions and cut_tokens(first) is None and self.tokenizer is None:
             raise CutDataError(
                 f"cuts in {manifest} have no tokens (cut {first.id}): run "
@@ -202,13 +211,34 @@ class TtsDataModule:
             self.train_manifest = str(path)
             cuts = load_manifest_lazy(path)
         self.check_first_cut(cuts, self.train_manifest)
-        return self.filter_by_duration(cuts, self.train_manifest)
+        kept = self.filter_by_duration(cuts, self.train_manifest)
+        self.check_max_duration(kept, self.train_manifest)
+        return kept
+
+    def check_max_duration(self, cuts: CutSet, manifest: str) -> None:
+        """Refuse a --max-duration below every cut of an eager set: each batch would then be
+        one over-long cut (lhotse only warns), or nothing with bucketing, so the run would
+        train nothing useful. Lazy sets are not read through for this."""
+        if _num_cuts(cuts) is None or not len(cuts):
+            return
+        shortest = min(cuts, key=lambda c: c.duration)
+        max_duration = self.args.max_duration
+        if max_duration < shortest.duration:
+            longest = max(cuts, key=lambda c: c.duration)
+            raise ValueError(
+                f"--max-duration {max_duration:g} s is below every cut of {manifest}: the "
+                f"shortest, {shortest.id}, lasts {shortest.duration:.2f} s and the longest, "
+                f"{longest.id}, {longest.duration:.2f} s; a batch holds at most --max-duration "
+                f"seconds of audio, so pass at least {longest.duration:.2f}"
+            )
 
     def train_custom_cuts(self, manifest_file: str) -> CutSet:
         """Upstream's name: the training cuts of `manifest_file` (checked, length-filtered)."""
         cuts = CutSet.from_file(self._resolve(manifest_file, "--train-manifest"))
         self.check_first_cut(cuts, str(manifest_file))
-        return self.filter_by_duration(cuts, str(manifest_file))
+        kept = self.filter_by_duration(cuts, str(manifest_file))
+        self.check_max_duration(kept, str(manifest_file))
+        return kept
 
     def dev_custom_cuts(self, manifest_file: str) -> CutSet:
         """Upstream's name: the validation cuts of `manifest_file`."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 from lhotse import CutSet
@@ -12,9 +13,46 @@ from lhotse.dataset.input_strategies import BatchIO, OnTheFlyFeatures, Precomput
 
 from zipvoice.utils.feature import N_MELS, SAMPLING_RATE, VocosFbank
 
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
 
 class CutDataError(ValueError):
-    """A cut cannot be used for training; the message names the cut and its manifest."""
+    """A cut cannot be used for training; the message names the cut and its manifest.
+
+    Raised in a DataLoader worker, torch re-raises it in the training process as
+    `CutDataError("Caught CutDataError in DataLoader worker process N.\nOriginal Traceback
+    ...\n<module>.CutDataError: <message>")`; that wrapping is undone here, so the entry point
+    still prints the one line that names the cut, not a worker's traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and WORKER_TRACEBACK in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split("CutDataError: ", 1)[-1]
+        super().__init__(message)
+
+
+def feature_file(cut: Cut) -> Path:
+    """The file that holds a cut's precomputed features (one archive for many cuts with
+    compute_fbank's lilcom_chunky storage, one file per cut for folder-based storage)."""
+    features = cut.features
+    path = Path(features.storage_path)
+    return path / features.storage_key if path.is_dir() else path
+
+
+def missing_feature_files(cuts: Iterable[Cut]) -> list[tuple[str, Path]]:
+    """(cut id, file) of the first cut per missing feature file; one stat per distinct file."""
+    seen: dict[Path, bool] = {}
+    missing = []
+    for cut in cuts:
+        if not cut.has_features:
+            continue
+        path = feature_file(cut)
+        if path not in seen:
+            seen[path] = path.is_file()
+            if not seen[path]:
+                missing.append((cut.id, path))
+    return missing
 
 
 def cut_tokens(cut: Cut) -> list[str] | None:
@@ -116,6 +154,36 @@ class SpeechSynthesisDataset(torch.utils.data.Dataset):
                 tokens[i] = list(toks)
         return tokens
 
+    def _features(self, cuts: CutSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input strategy's (features, lens); a file that cannot be read (deleted or
+        damaged since the manifest was checked) names the cut and the file in one line."""
+        try:
+            return self.feature_input_strategy(cuts)
+        except Exception as err:  # noqa: BLE001 - find the cut, then report it in one line
+            failure = err
+        for cut in cuts:
+            try:
+                if self.on_the_fly:
+                    cut.load_audio()
+                else:
+                    cut.load_features()
+            except Exception as err:  # noqa: BLE001 - any reader error: a bad file
+                what = "audio" if self.on_the_fly else "features"
+                source = self._source(cut)
+                reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+                raise CutDataError(
+                    f"{self._where(cut)}: its {what} in {source} cannot be read ({reason}); "
+                    "recompute them (zipvoice.bin.compute_fbank --overwrite true) or restore "
+                    "the file"
+                ) from None
+        raise failure  # no single cut fails alone: not a file problem
+
+    def _source(self, cut: Cut) -> str:
+        if not self.on_the_fly:
+            return str(feature_file(cut))
+        sources = [s.source for s in cut.recording.sources] if cut.has_recording else []
+        return ", ".join(map(str, sources)) or "its recording"
+
     def __getitem__(self, cuts: CutSet) -> dict[str, object]:
         for cut in cuts:
             self._check_cut(cut)
@@ -127,7 +195,7 @@ class SpeechSynthesisDataset(torch.utils.data.Dataset):
             )
         cut_list = list(cuts)
 
-        features, features_lens = self.feature_input_strategy(cuts)
+        features, features_lens = self._features(cuts)
         for transform in self.feature_transforms:
             features = transform(features)
         batch: dict[str, object] = {

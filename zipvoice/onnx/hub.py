@@ -2,13 +2,13 @@
 
 Upstream keeps each model's ONNX files beside its PyTorch files in the hub repository
 k2-fsa/ZipVoice (`zipvoice/`, `zipvoice_distill/`): text_encoder[_int8].onnx,
-fm_decoder[_int8].onnx, model.json and tokens.txt. huggingface_hub caches them; without a
-network and without a cached copy the download fails with one line saying what to pass.
+fm_decoder[_int8].onnx, model.json and tokens.txt. They are fetched like every other published
+file (`zipvoice.utils.hub`): the local cache first, then one short probe of the hub; offline
+without a cached copy, one line naming the file and what to pass instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from zipvoice.models.loader import HUB_REPO_ID, MODEL_NAMES
@@ -19,12 +19,7 @@ from zipvoice.onnx.export import (
     TOKENS_FILE,
     int8_name,
 )
-
-Download = Callable[..., str]
-
-
-class HubDownloadError(OSError):
-    """The hub could not provide a published model (offline, no cache, missing file)."""
+from zipvoice.utils.hub import HubUnavailableError, hub_files
 
 
 def onnx_file_names(int8: bool) -> tuple[str, ...]:
@@ -32,29 +27,17 @@ def onnx_file_names(int8: bool) -> tuple[str, ...]:
     return (name(TEXT_ENCODER_FILE), name(FM_DECODER_FILE), MODEL_CONFIG_FILE, TOKENS_FILE)
 
 
-def download_onnx_model(
-    model_name: str, int8: bool = False, download: Download | None = None
-) -> Path:
-    """The local folder holding `model_name`'s published ONNX files (downloaded or cached).
-
-    `download` replaces huggingface_hub's `hf_hub_download` (tests pass a local copier).
-    """
+def download_onnx_model(model_name: str, int8: bool = False) -> Path:
+    """The local folder holding `model_name`'s published ONNX files (cached or downloaded)."""
     if model_name not in MODEL_NAMES:
         raise ValueError(f"--model-name must be one of {MODEL_NAMES}, got {model_name!r}")
-    if download is None:
-        from huggingface_hub import hf_hub_download as download
-    paths = []
-    for name in onnx_file_names(int8):
-        remote = f"{model_name}/{name}"
-        try:
-            paths.append(Path(download(repo_id=HUB_REPO_ID, filename=remote)))
-        except Exception as err:  # huggingface_hub's and the HTTP stack's own types
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise HubDownloadError(
-                f"cannot download {remote} from the hub repository {HUB_REPO_ID} (offline, "
-                f"and not cached?): {reason}; give --model-dir with a local ONNX folder"
-            ) from err
+    names = onnx_file_names(int8)
+    instead = (
+        f"give --model-dir with a local ONNX folder ({', '.join(names)}; "
+        "zipvoice.bin.onnx_export writes one)"
+    )
+    paths = hub_files(HUB_REPO_ID, [f"{model_name}/{n}" for n in names], instead=instead)
     folders = {p.parent for p in paths}
     if len(folders) != 1:
-        raise HubDownloadError(f"the hub files of {model_name} landed in several folders")
+        raise HubUnavailableError(f"the hub files of {model_name} landed in several folders")
     return folders.pop()

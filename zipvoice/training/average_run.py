@@ -101,7 +101,9 @@ def _write_project_average(
     run_file = exp_dir / ckpt.RUN_CONFIG_FILE
     if not run_file.is_file():
         raise AveragingError(f"{run_file} not found: cannot rebuild the run's model")
-    args: dict[str, Any] = json.loads(run_file.read_text(encoding="utf-8"))["args"]
+    args: dict[str, Any] | None = ckpt.read_run_config(run_file).get("args")
+    if args is None:
+        raise AveragingError(f'{run_file} has no "args": cannot rebuild the run\'s model')
     config = TrainingConfig.from_flags(args)
     model_config = json.loads((exp_dir / "model.json").read_text(encoding="utf-8"))
     tokens = SimpleTokenizer(config.model.token_file)

@@ -292,15 +292,35 @@ def identity_differences(old: Mapping, new: Mapping) -> list[str]:
     return diffs
 
 
+def read_run_config(path: Path) -> dict[str, Any]:
+    """An exp-dir's run_config.json: a JSON object whose "identity" and "args", where present,
+    are objects too. A hand-edited or foreign file is refused in one line naming it, before
+    anything reads a key of it (a list or a number there would fail far from the cause)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise TrainingError(f"{path} is not UTF-8 text: {err}") from err
+    except json.JSONDecodeError as err:
+        raise TrainingError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(content, dict):
+        raise TrainingError(
+            f"{path} holds a JSON {type(content).__name__}, not the object "
+            '{"identity": {...}, "args": {...}} that training writes there; move it away or use '
+            "another --exp-dir"
+        )
+    for key in ("identity", "args"):
+        if key in content and not isinstance(content[key], dict):
+            raise TrainingError(
+                f'{path}: "{key}" holds a JSON {type(content[key]).__name__}, not an object; '
+                "move the file away or use another --exp-dir"
+            )
+    return content
+
+
 def choose_resume_checkpoint(resume: str, exp_dir: Path, identity: Mapping) -> Path | None:
     """Apply the --resume policy (see module docstring); None means start fresh."""
     config_path = exp_dir / RUN_CONFIG_FILE
-    old = None
-    if config_path.is_file():
-        try:
-            old = json.loads(config_path.read_text(encoding="utf-8")).get("identity")
-        except json.JSONDecodeError as err:
-            raise TrainingError(f"{config_path} is not valid JSON: {err}") from err
+    old = read_run_config(config_path).get("identity") if config_path.is_file() else None
     checkpoints = list_checkpoints(exp_dir)
     adapters = sorted(p.name for p in exp_dir.glob("adapter*") if p.is_dir())
     if resume not in ("auto", "never"):
