@@ -179,3 +179,23 @@ def test_channels_last_depthwise_conv_equals_conv1d(kernel, padded):
         got = gated_depthwise_conv(conv, x, gate, mask)
     assert got.shape == expected.shape == (3, 24, 40)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_activation_linear_on_a_permuted_input_with_a_frozen_weight(batch, training):
+    """The convolution module's case: (T, B, C) viewed from (B, C, T), weight frozen; one 2-D
+    product (not matmul's per-frame products) with the same values and input gradient."""
+    torch.manual_seed(0)
+    module = ActivationDropoutAndLinear(24, 16, activation="SwooshR", dropout_p=0.0)
+    module.train(training).requires_grad_(False)
+    x = (torch.randn(batch, 24, 30) * 3).permute(2, 0, 1).requires_grad_(training)
+    out = module(x)
+    expected = torch.nn.functional.linear(scaling.swoosh_r_formula(x), module.weight, module.bias)
+    assert out.shape == (30, batch, 16)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if training:
+        out_grad = torch.randn(30, batch, 16)
+        (got,) = torch.autograd.grad(out, x, out_grad)
+        (want,) = torch.autograd.grad(expected, x, out_grad)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
