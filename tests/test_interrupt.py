@@ -168,8 +168,13 @@ def test_a_stop_while_workers_prefetch_resumes_where_training_was(
     run_training(user_config(data, tmp_path / "straight", **common))
     config = user_config(data, tmp_path / "stopped", **common)
     stop = _SignalAfterStep(2)
-    with pytest.raises(TrainingInterrupted, match="after step 2"):
-        run_training(config, callbacks=[stop])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(TrainingInterrupted, match="after step 2"):
+            run_training(config, callbacks=[stop])
+    finally:  # a stopped run ignores further signals on its way out; pytest goes on
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert stop.ahead and stop.ahead > 0  # the case under test: the sampler ran ahead
     checkpoint = torch.load(tmp_path / "stopped" / "checkpoint-2.pt", weights_only=True)
     assert checkpoint["batches_in_epoch"] == 2

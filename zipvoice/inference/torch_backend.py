@@ -28,30 +28,16 @@ def load_base_model(
     checkpoint_name: str,
     token_file: str | Path | None,
 ) -> tuple[nn.Module, Path, Path, str]:
-    """A released model in eval mode, read from disk once.
+    """A released model in eval mode, read from disk once (`models.loader.load_released`).
 
     Returns (model, token file, checkpoint path, fingerprint of the checkpoint's state dict);
     the fingerprint is computed from the same tensors the model was loaded from, so checking
     an adapter against it costs no second read of model.pt.
     """
-    from zipvoice.models.loader import build_model, load_model_config, resolve_model_dir
-    from zipvoice.models.modules.adapter_folder import fingerprint_state_dict
-    from zipvoice.tokenizer.token_file import PAD_TOKEN, read_token_file
-    from zipvoice.utils.checkpoint import load_checkpoint_state, load_model_state
+    from zipvoice.models.loader import load_released
 
-    folder = resolve_model_dir(model_name, model_dir, checkpoint_name=checkpoint_name)
-    checkpoint_path = folder / checkpoint_name
-    config = load_model_config(folder / "model.json")
-    token_path = Path(token_file) if token_file is not None else folder / "tokens.txt"
-    token2id = read_token_file(token_path)
-    state = load_checkpoint_state(checkpoint_path)
-    # The checkpoint itself says which model it is: only the distilled one embeds the
-    # guidance scale.
-    distill = "fm_decoder.guidance_scale_embed.weight" in state
-    model = build_model(config["model"], len(token2id), token2id[PAD_TOKEN], distill=distill)
-    load_model_state(model, state, checkpoint_path, extend_embed=True)
-    fingerprint = fingerprint_state_dict(state)
-    return model.eval(), token_path, checkpoint_path, fingerprint
+    loaded = load_released(model_name, model_dir, checkpoint_name, token_file, fingerprint=True)
+    return loaded.model, loaded.token_file, loaded.checkpoint, str(loaded.fingerprint)
 
 
 def load_model_for_inference(

@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +112,32 @@ def load_model_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_pretrained(
+@dataclass(frozen=True)
+class LoadedModel:
+    """What `load_released` read: the model (eval mode), its model.json, the token file and
+    checkpoint it came from, and (when asked for) the fingerprint of the checkpoint's state
+    dict, computed from the tensors already in memory (adapters are checked against it)."""
+
+    model: ZipVoice
+    config: dict[str, Any]
+    token_file: Path
+    checkpoint: Path
+    fingerprint: str | None = None
+
+
+def load_released(
     model_name: str = "zipvoice",
     model_dir: str | Path | None = None,
     checkpoint_name: str = "model.pt",
     token_file: str | Path | None = None,
-) -> tuple[ZipVoice, dict[str, Any], Path, Path]:
-    """Builds and loads a released model in eval mode.
+    *,
+    fingerprint: bool = False,
+) -> LoadedModel:
+    """Builds and loads a released model in eval mode, reading model.pt once: the folder's
+    manifest, model.json's sizes and the weights' finiteness are checked on the way.
 
     ``token_file`` overrides the folder's tokens.txt (e.g. an extended vocabulary: extra
-    embedding rows start at the mean embedding). Returns (model, model.json dict, token file
-    path, checkpoint path).
+    embedding rows start at the mean embedding).
     """
     folder = resolve_model_dir(model_name, model_dir, checkpoint_name=checkpoint_name)
     verify_folder(folder, only=(checkpoint_name, "model.json", "tokens.txt"))
@@ -139,8 +155,23 @@ def load_pretrained(
     distill = "fm_decoder.guidance_scale_embed.weight" in state
     model = build_model(config["model"], vocab_size=vocab_size, pad_id=pad_id, distill=distill)
     load_model_state(model, state, checkpoint_path, extend_embed=True)
-    model.eval()
-    return model, config, token_path, checkpoint_path
+    digest = None
+    if fingerprint:
+        from zipvoice.models.modules.adapter_folder import fingerprint_state_dict
+
+        digest = fingerprint_state_dict(state)
+    return LoadedModel(model.eval(), config, token_path, checkpoint_path, digest)
+
+
+def load_pretrained(
+    model_name: str = "zipvoice",
+    model_dir: str | Path | None = None,
+    checkpoint_name: str = "model.pt",
+    token_file: str | Path | None = None,
+) -> tuple[ZipVoice, dict[str, Any], Path, Path]:
+    """`load_released` as a tuple: (model, model.json dict, token file path, checkpoint path)."""
+    loaded = load_released(model_name, model_dir, checkpoint_name, token_file)
+    return loaded.model, loaded.config, loaded.token_file, loaded.checkpoint
 
 
 def model_config_bytes(

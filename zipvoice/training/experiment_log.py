@@ -6,14 +6,18 @@ import datetime
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from zipvoice.training.distributed import is_main
 from zipvoice.utils.cli import LOG_FORMAT, setup_logging
+
+if TYPE_CHECKING:
+    from zipvoice.training.trainer import Trainer
 
 logger = logging.getLogger("zipvoice.train")
 
@@ -150,3 +154,24 @@ def log_model_summary(
             "vocabulary extended from %d to %d tokens", setup.base_vocab_size, setup.vocab_size
         )
     return trainable, total
+
+
+def log_progress(trainer: Trainer, total_steps: int | None) -> None:
+    """The trainer's progress line (loss, running average, lr, steps/s, ETA) and, on rank 0,
+    the same scalars in the experiment log (tensorboard/wandb)."""
+    state = trainer.state
+    start_time, start_step = trainer._start
+    rate = (state.step - start_step) / max(time.monotonic() - start_time, 1e-9)
+    remaining = (total_steps - state.step) / rate if total_steps and rate > 0 else 0
+    lr = trainer.scheduler.get_last_lr()[0]
+    logger.info(
+        "epoch %d step %d%s | loss %.5f (avg %.5f) | lr %.2e | %.2f steps/s | ETA %s",
+        state.epoch, state.step, f"/{total_steps}" if total_steps else "",
+        trainer.last_loss, trainer._running_loss, lr, rate,
+        format_eta(remaining) if total_steps else "-",
+    )  # fmt: skip
+    if is_main(trainer.rank):
+        values = {"train/loss": trainer.last_loss, "train/lr": lr, **trainer.last_terms}
+        if trainer.use_amp:
+            values["train/grad_scale"] = trainer.scaler.get_scale()
+        trainer.experiment.scalars(values, state.step)

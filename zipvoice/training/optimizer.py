@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
 from zipvoice.training.config import TrainingConfig, TrainingError
 from zipvoice.training.distributed import unwrap_ddp
 from zipvoice.utils.optim import Eden, FixedLRScheduler, LRScheduler, ScaledAdam, WarmupCosine
+
+if TYPE_CHECKING:
+    from zipvoice.training.trainer import Trainer
+
+logger = logging.getLogger("zipvoice.train")
 
 
 def build_optimizer(
@@ -49,3 +57,37 @@ def scaledadam_schedule(optimizer: torch.optim.Optimizer, config: TrainingConfig
         return FixedLRScheduler(optimizer)
     lr_epochs = optim.lr_hours if optim.lr_hours > 0 else optim.lr_epochs
     return Eden(optimizer, optim.lr_batches, lr_epochs)
+
+
+def setup_optimizer(trainer: Trainer, checkpoint: dict[str, Any] | None) -> None:
+    """The Trainer's model on its device (wrapped in DDP for several ranks), its optimiser,
+    schedule and grad scaler, restored from `checkpoint` when resuming."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    config, device = trainer.config, trainer.device
+    trainer.use_amp = bool(config.run.use_fp16) and device.type == "cuda"
+    if config.run.use_fp16 and not trainer.use_amp:
+        logger.info("--use-fp16 1 ignored: fp16 autocast needs CUDA; training in float32")
+    trainer.model.to(device)
+    if trainer.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trainer.model = DDP(trainer.model, device_ids=ids, find_unused_parameters=True)
+    optimizer, scheduler, kind = build_optimizer(trainer.model, config)
+    trainer.optimizer, trainer.scheduler, trainer.optimizer_kind = optimizer, scheduler, kind
+    trainer.scaler = torch.amp.GradScaler("cuda", enabled=trainer.use_amp)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("grad_scaler"):
+            trainer.scaler.load_state_dict(checkpoint["grad_scaler"])
+    fp16 = ", fp16" if trainer.use_amp else ""
+    logger.info("optimizer %s, base lr %g%s", kind, config.base_lr, fp16)
+    if kind == "adamw":
+        logger.info(
+            "AdamW schedule: %d warm-up steps, then %s (--lr-hours/--lr-batches/--lr-epochs "
+            "apply to ScaledAdam + Eden only)",
+            config.warmup_steps,
+            "cosine decay" if getattr(scheduler, "total_steps", 0) else "constant",
+        )
+    model = unwrap_ddp(trainer.model)
+    trainer.trainable_params = [p for p in model.parameters() if p.requires_grad]

@@ -46,9 +46,7 @@ from zipvoice.training.config import TrainingConfig, TrainingError
 from zipvoice.training.distributed import (
     all_ranks_agree,
     broadcast_object,
-    gather_objects,
     is_main,
-    launcher_ranks,
     setup_distributed,
     teardown_distributed,
     unwrap_ddp,
@@ -56,28 +54,25 @@ from zipvoice.training.distributed import (
 from zipvoice.training.eval_hook import make_eval_hook, validation_scores
 from zipvoice.training.experiment_log import (
     ExperimentLog,
-    format_eta,
     log_model_summary,
+    log_progress,
     setup_run_logging,
 )
-from zipvoice.training.final_model import save_final_product, save_step_adapter
 from zipvoice.training.interrupt import (
     StopRequest,
     TrainingInterrupted,
     interrupted_message,
     seed_step,
-    spawn_ranks,
 )
 from zipvoice.training.model_setup import (
     ModelSetup,
     TrainablePredicate,
     load_module_training_state,
     load_trainable_state,
-    module_training_state,
     save_initial_adapter,
     setup_model,
-    trainable_state_dict,
 )
+from zipvoice.training.optimizer import setup_optimizer
 from zipvoice.training.steps import (
     adjusted_batch_count,
     backward_and_step,
@@ -100,10 +95,6 @@ def run_training(
 ) -> nn.Module | None:
     """`Trainer(config, ...).fit()`: the trained model (adapters unmerged), None for DDP."""
     return Trainer(config, trainable=trainable, callbacks=callbacks).fit()
-
-
-def _fit_rank(rank: int, world_size: int, trainer: Trainer) -> nn.Module:
-    return trainer.fit_rank(rank, world_size)
 
 
 class Trainer:
@@ -130,36 +121,11 @@ class Trainer:
     # ------------------------------------------------------------------ running
 
     def fit(self) -> nn.Module | None:
-        """Train on one process, or spawn `world_size` DDP processes (returns None then)."""
-        import os
+        """Train on one process, or spawn `world_size` DDP processes (returns None then);
+        under torchrun, this process's rank (zipvoice.training.launch)."""
+        from zipvoice.training.launch import fit
 
-        from zipvoice.utils.lock import FolderLock
-        from zipvoice.utils.resources import check_port_free
-
-        launched = launcher_ranks()
-        if launched is not None:
-            return self._fit_launched(*launched)
-        world_size = self.config.run.world_size
-        with FolderLock(self.exp_dir, "training run"):
-            if world_size > 1:
-                master = os.environ.get("MASTER_ADDR", "localhost")
-                check_port_free(self.config.run.master_port, master)
-                spawn_ranks(_fit_rank, self, world_size)
-                return None
-            return self.fit_rank(0, 1)
-
-    def _fit_launched(self, rank: int, local_rank: int, world_size: int) -> nn.Module | None:
-        """One rank of a launcher's (torchrun's) job: rank 0 holds the exp-dir lock and writes;
-        --world-size is the launcher's WORLD_SIZE, not a number of processes to spawn."""
-        from zipvoice.utils.lock import FolderLock
-
-        logger.info("rank %d/%d (local %d) from the launcher", rank, world_size, local_rank)
-        if rank != 0:
-            self.fit_rank(rank, world_size)
-            return None
-        with FolderLock(self.exp_dir, "training run"):
-            model = self.fit_rank(rank, world_size)
-        return model if world_size == 1 else None
+        return fit(self)
 
     def fit_rank(self, rank: int, world_size: int) -> nn.Module:
         """The whole run on this rank: set up, loop, final validation and save."""
@@ -198,7 +164,7 @@ class Trainer:
         self.rank, self.world_size, self.device = rank, world_size, device
         fix_random_seed(self.config.run.seed)
         checkpoint = self._setup_model()
-        self._setup_optimizer(checkpoint)
+        setup_optimizer(self, checkpoint)  # model on its device (DDP), optimiser, schedule
         self._setup_data(checkpoint)
         self._setup_outputs()
         self.eval_hook = make_eval_hook(
@@ -282,37 +248,6 @@ class Trainer:
                 for n, p in self.model.named_parameters()
                 if p.requires_grad
             }
-
-    def _setup_optimizer(self, checkpoint: dict[str, Any] | None) -> None:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        from zipvoice.training.optimizer import build_optimizer
-
-        config, device = self.config, self.device
-        self.use_amp = bool(config.run.use_fp16) and device.type == "cuda"
-        if config.run.use_fp16 and not self.use_amp:
-            logger.info("--use-fp16 1 ignored: fp16 autocast needs CUDA; training in float32")
-        self.model.to(device)
-        if self.world_size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.model = DDP(self.model, device_ids=ids, find_unused_parameters=True)
-        self.optimizer, self.scheduler, self.optimizer_kind = build_optimizer(self.model, config)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        if checkpoint is not None:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-            if checkpoint.get("grad_scaler"):
-                self.scaler.load_state_dict(checkpoint["grad_scaler"])
-        fp16 = ", fp16" if self.use_amp else ""
-        logger.info("optimizer %s, base lr %g%s", self.optimizer_kind, config.base_lr, fp16)
-        if self.optimizer_kind == "adamw":
-            logger.info(
-                "AdamW schedule: %d warm-up steps, then %s (--lr-hours/--lr-batches/--lr-epochs "
-                "apply to ScaledAdam + Eden only)",
-                config.warmup_steps,
-                "cosine decay" if getattr(self.scheduler, "total_steps", 0) else "constant",
-            )
-        self.trainable_params = [p for p in unwrap_ddp(self.model).parameters() if p.requires_grad]
 
     def _setup_data(self, checkpoint: dict[str, Any] | None) -> None:
         from zipvoice.dataset.datamodule import TtsDataModule
@@ -430,7 +365,7 @@ class Trainer:
                 continue
             step = self.state.step
             if step % run.log_interval == 0 or step == total_steps:
-                self._log_progress(total_steps)
+                log_progress(self, total_steps)
             every = self.config.valid_interval
             if every > 0 and step % every == 0:
                 self.validate()
@@ -517,24 +452,6 @@ class Trainer:
                 f"--max-bad-batches {limit}; the last checkpoint in {self.exp_dir} is intact"
             )
 
-    def _log_progress(self, total_steps: int | None) -> None:
-        state = self.state
-        start_time, start_step = self._start
-        rate = (state.step - start_step) / max(time.monotonic() - start_time, 1e-9)
-        remaining = (total_steps - state.step) / rate if total_steps and rate > 0 else 0
-        lr = self.scheduler.get_last_lr()[0]
-        logger.info(
-            "epoch %d step %d%s | loss %.5f (avg %.5f) | lr %.2e | %.2f steps/s | ETA %s",
-            state.epoch, state.step, f"/{total_steps}" if total_steps else "",
-            self.last_loss, self._running_loss, lr, rate,
-            format_eta(remaining) if total_steps else "-",
-        )  # fmt: skip
-        if is_main(self.rank):
-            values = {"train/loss": self.last_loss, "train/lr": lr, **self.last_terms}
-            if self.use_amp:
-                values["train/grad_scale"] = self.scaler.get_scale()
-            self.experiment.scalars(values, state.step)
-
     # ------------------------------------------------------------------ validate and save
 
     def validate(self) -> dict[str, float]:
@@ -569,54 +486,8 @@ class Trainer:
         )
 
     def save(self, final: bool) -> None:
-        """Checkpoint + adapter (or full model) at this step; a failed write (a full disk) stops
-        the run with a message that says which checkpoint is still intact to resume from."""
-        from zipvoice.utils.resources import write_failure
+        """Checkpoint + adapter (or full model) at this step (zipvoice.training.save_point);
+        a failed write (a full disk) stops the run naming the checkpoint still intact."""
+        from zipvoice.training.save_point import save
 
-        try:
-            self._write_save_point(final)
-        except (OSError, RuntimeError) as raw_err:
-            # torch.save reports a full disk as a RuntimeError from its zip writer.
-            err = write_failure(raw_err, self.exp_dir)
-            if err is None:
-                raise
-            raise ckpt.save_failure(self.exp_dir, self.state.step, err) from raw_err
-
-    def _write_save_point(self, final: bool) -> None:
-        from zipvoice.models.modules.lora_utils import is_lora_model
-        from zipvoice.utils.checkpoint import save_checkpoint
-
-        gathered = gather_objects(ckpt.get_rng_state(), self.world_size)
-        if not is_main(self.rank):
-            return
-        raw, state = unwrap_ddp(self.model), self.state
-        checkpoint_path = self.exp_dir / f"checkpoint-{state.step}.pt"
-        save_checkpoint(
-            {
-                "model": trainable_state_dict(raw),
-                "model_avg": self.model_avg,
-                "module_state": module_training_state(raw),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "grad_scaler": self.scaler.state_dict() if self.use_amp else None,
-                "sampler": self.sampler_position.state_dict(),
-                "rng": gathered,
-                "step": state.step,
-                "epoch": state.epoch,
-                "batches_in_epoch": state.batches_in_epoch,
-                "bad_batches": state.bad_batches,
-                "best_valid_loss": state.best_valid_loss,
-                "identity": self.identity,
-                "average_period": self.config.optim.average_period,
-            },
-            checkpoint_path,
-        )
-        ckpt.prune_checkpoints(self.exp_dir, self.config.run.keep_last_k)
-        name = "adapter" if final else f"adapter-{state.step}"
-        if final:
-            save_final_product(self, raw)
-        elif is_lora_model(raw):
-            save_step_adapter(self, raw, name)
-        ckpt.write_run_manifest(self.exp_dir, self.setup_result.base_fingerprint)
-        adapter = f" and {name}/" if is_lora_model(raw) else ""
-        logger.info("saved %s%s", checkpoint_path.name, adapter)
+        save(self, final)
