@@ -156,15 +156,17 @@ class _SignalAfterStep(Callback):
         return False
 
 
+@pytest.mark.parametrize("scan_oom", [False, True])
 def test_a_stop_while_workers_prefetch_resumes_where_training_was(
-    japanese_fbank_manifests, tmp_path
+    japanese_fbank_manifests, tmp_path, scan_oom
 ):
     """Without timing: stop mid-epoch while two workers hold prefetched batches, resume, and
     the adapter equals the uninterrupted run's (the checkpoint must hold the sampler as of the
-    last trained batch, not as of the last prefetched one)."""
+    last trained batch, not as of the last prefetched one). --scan-oom iterates the sampler
+    before training: the resumed run's restored position must survive it."""
     data = japanese_fbank_manifests
     common = dict(num_iters=NUM_ITERS, save_every_n=0, valid_interval=0, lora_rank=4,
-                  lora_alpha=8, num_workers=2, max_duration=3)  # fmt: skip
+                  lora_alpha=8, num_workers=2, max_duration=3, scan_oom=scan_oom)  # fmt: skip
     run_training(user_config(data, tmp_path / "straight", **common))
     config = user_config(data, tmp_path / "stopped", **common)
     stop = _SignalAfterStep(2)

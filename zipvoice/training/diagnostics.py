@@ -6,6 +6,7 @@ returns the callbacks that belong to the loop (zipvoice.training.callbacks).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
@@ -105,7 +106,13 @@ def scan_pessimistic_batches(trainer: Trainer) -> None:
     from zipvoice.training.steps import flow_matching_loss, prepare_batch
 
     config = trainer.config
-    batches, criteria = find_pessimistic_batches(trainer.train_dl.sampler)
+    sampler = trainer.train_dl.sampler
+    # The scan iterates the training sampler itself: a resumed run puts it back where the
+    # checkpoint left it (else its first epoch would start over); a fresh one restarts anyway.
+    restored = copy.deepcopy(sampler.state_dict()) if trainer.sampler_state is not None else None
+    batches, criteria = find_pessimistic_batches(sampler)
+    if restored is not None:
+        sampler.load_state_dict(restored)
     for criterion, cuts in batches.items():
         raw = trainer.train_dl.dataset[cuts]
         batch = prepare_batch(raw, trainer.tokenizer, config.model.feat_scale, trainer.device)
