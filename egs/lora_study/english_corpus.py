@@ -150,7 +150,7 @@ def _festival_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def _synthesize_festival(speaker: EnglishSpeaker, jobs: list[tuple[str, Path]], tmp: Path) -> None:
+def synthesize_festival(speaker: EnglishSpeaker, jobs: list[tuple[str, Path]], tmp: Path) -> None:
     """One festival process per voice: starting festival costs far more than an utterance."""
     lines = [f"(voice_{speaker.voice})"]
     for text, raw_path in jobs:
@@ -168,7 +168,7 @@ def _synthesize_festival(speaker: EnglishSpeaker, jobs: list[tuple[str, Path]], 
         )
 
 
-def _synthesize_one(speaker: EnglishSpeaker, text: str, raw_path: Path) -> None:
+def synthesize_one(speaker: EnglishSpeaker, text: str, raw_path: Path) -> None:
     if speaker.engine == "flite":
         _run(["flite", "-voice", speaker.voice, "-t", text, "-o", str(raw_path)], "flite")
     elif speaker.engine == "espeak":
@@ -209,10 +209,10 @@ def make_english_corpus(
             wanted = list(dev_ids) if speaker.held_out else list(train_ids) + list(dev_ids)
             jobs = [(sentences[i], tmp / f"{speaker.name}_{i:04d}.wav") for i in wanted]
             if speaker.engine == "festival":
-                _synthesize_festival(speaker, jobs, tmp)
+                synthesize_festival(speaker, jobs, tmp)
             else:
                 for text, raw_path in jobs:
-                    _synthesize_one(speaker, text, raw_path)
+                    synthesize_one(speaker, text, raw_path)
             for index, (text, raw_path) in zip(wanted, jobs, strict=True):
                 utt_id = f"{speaker.name}_{index:04d}"
                 wave = trim_silence(load_audio(raw_path, SAMPLING_RATE), SAMPLING_RATE)
