@@ -99,33 +99,38 @@ def test_quick_pipeline_scores_generated_audio_and_reproduces(tmp_path):
     again gives the same numbers."""
     pytest.importorskip("resemblyzer")
     import json
+    from dataclasses import replace
 
     from adapt import Job, run_job
+    from corpus import CorpusSizes
     from settings import QUICK, Layout
     from study import ceilings, make_corpus, prepare_data, pretrain
 
+    sizes = CorpusSizes(en_speakers=4, en_utts=2, en_heldout_speakers=1, ja_speakers=2,
+                        ja_utts=2, ja_heldout_speakers=2, en_eval_lines=1)  # fmt: skip
+    budget = replace(QUICK, sizes=sizes)
     layout = Layout(tmp_path / "work")
-    make_corpus(layout, QUICK, jobs=1)
+    make_corpus(layout, budget, jobs=1)
     marker = json.loads((layout.corpus / "DONE.json").read_text(encoding="utf-8"))
     assert set(marker["tsv"]) == {"en_train", "en_heldout", "ja_train", "ja_dev", "ja_heldout"}
     ja_lines = Path(marker["eval"]["eval_ja"]).read_text(encoding="utf-8").splitlines()
-    assert len(ja_lines) == QUICK.sizes.ja_heldout_speakers
+    assert len(ja_lines) == sizes.ja_heldout_speakers
     for line in ja_lines:  # the accent reference is the same speaker saying the target text
         name, _, prompt_wav, _ = line.split("\t")
         assert (Path(marker["eval"]["refs_ja"]) / f"{name}.wav").is_file()
         assert Path(prompt_wav).name.startswith(name.removeprefix("ja_") + "_")
     prepare_data(layout, "cpu")
-    pretrain(layout, QUICK)
+    pretrain(layout, budget)
     ceil = ceilings(layout)
     assert ceil["ground_truth"]["ja_f0_corr"] == pytest.approx(1.0)
     assert 0 < ceil["griffin_lim"]["ja_sim"] <= 1
 
     job = Job("dora_r32", 1e-3, score_start=True)
-    first = run_job(layout, QUICK, job, force=False)
-    assert set(first["points"]) == {"0", str(QUICK.adapt_steps)}
-    point = first["points"][str(QUICK.adapt_steps)]
+    first = run_job(layout, budget, job, force=False)
+    assert set(first["points"]) == {"0", str(budget.adapt_steps)}
+    point = first["points"][str(budget.adapt_steps)]
     assert 0 < point["ja_sim"] <= 1 and 0 < point["en_sim"] <= 1
     assert "ja_f0_corr" in point and first["curves"]["valid/loss"]
-    again = run_job(layout, QUICK, job, force=True)
+    again = run_job(layout, budget, job, force=True)
     assert again["points"] == first["points"]
     assert again["curves"] == first["curves"]

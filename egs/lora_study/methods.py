@@ -78,7 +78,7 @@ class Posthoc:
 
 
 POSTHOC: tuple[Posthoc, ...] = (
-    *(Posthoc(f"dora_r32_scale{s:g}", "dora_r32", lora_scale=s) for s in (0.25, 0.5, 0.75, 1.0)),
+    *(Posthoc(f"dora_r32_scale{s:g}", "dora_r32", lora_scale=s) for s in (0.25, 0.5, 0.75)),
     Posthoc("dora_r32_gate_early", "dora_r32", lora_t_range=(0.0, 0.5)),
     Posthoc("dora_r32_gate_late", "dora_r32", lora_t_range=(0.5, 1.0)),
 )
