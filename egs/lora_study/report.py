@@ -24,6 +24,34 @@ from zipvoice.dataset.manifests import write_text_atomically
 
 X, Y = "ja_sim", "ja_f0_corr"
 POINT_KEYS = ("ja_sim", "ja_f0_corr", "ja_f0_rmse", "ja_vuv_error", "en_sim", "ja_failed")
+INTERVAL_KEYS = ("ja_sim_ci95", "ja_f0_corr_ci95", "en_sim_ci95")
+
+
+def _half_width(values: list[float]) -> float:
+    """95% half-width of a mean over lines (normal approximation; NaN lines left out)."""
+    finite = np.array([v for v in values if math.isfinite(v)])
+    if finite.size < 2:
+        return math.nan
+    return float(1.96 * finite.std(ddof=1) / math.sqrt(finite.size))
+
+
+def add_intervals(results: Sequence[dict[str, Any]], folder_of: Any) -> None:
+    """Each point's 95% half-widths over the eval lines (`<prefix><metric>_ci95`), from the
+    scores.tsv files of `folder_of(result)`: how far apart two points must be to differ."""
+    from scoring import read_scores
+
+    for result in results:
+        folder = folder_of(result)
+        for step, point in result["points"].items():
+            for sub, prefix, metrics in (("eval", "ja_", ("sim", "f0_corr")),
+                                         ("eval_en/eval", "en_", ("sim",))):  # fmt: skip
+                path = folder / sub / f"step-{step}" / "scores.tsv"
+                if not path.is_file():
+                    continue
+                lines = read_scores(path).values()
+                for metric in metrics:
+                    values = [line.get(metric, math.nan) for line in lines]
+                    point[f"{prefix}{metric}_ci95"] = _half_width(values)
 
 
 def _loss_at(curves: dict[str, list], tag: str, step: int) -> float:
@@ -41,7 +69,8 @@ def point_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for step_text, scores in sorted(result["points"].items(), key=lambda kv: int(kv[0])):
             step = int(step_text)
             row = {k: result.get(k) for k in ("run", "method", "lr", "seed")}
-            row.update(step=step, **{k: scores.get(k, math.nan) for k in POINT_KEYS})
+            keys = POINT_KEYS + INTERVAL_KEYS
+            row.update(step=step, **{k: scores.get(k, math.nan) for k in keys})
             row["ja_dev_loss"] = _loss_at(curves, "valid/loss", step)
             row["en_forgetting_loss"] = _loss_at(curves, "valid/forgetting_loss", step)
             row["trainable_params"] = result.get("trainable_params")
@@ -150,7 +179,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], base: dict[str, float],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    fig, axes = plt.subplots(1, 3, figsize=(21, 6.5))
     methods = sorted({r["method"] for r in rows})
     palette = plt.get_cmap("tab20").colors
     color = {m: palette[i % 20] for i, m in enumerate(methods)}
@@ -167,18 +196,34 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], base: dict[str, float],
             label = method if lr == max(r["lr"] for r in main if r["method"] == method) else None
             ax.scatter(xs, ys, color=color[method], s=14 + 10 * np.arange(len(xs)), label=label)
         ax.scatter([base[xkey]], [base[Y]], marker="*", s=220, color="black", label="base model")
-        gl = ceil["griffin_lim"]
-        ax.axhline(gl[Y], color="grey", ls="--", lw=0.8)
-        ax.axvline(gl[xkey], color="grey", ls="--", lw=0.8)
+        gl = ceil["griffin_lim"]  # far off the points' scale: named, not drawn
         ax.set_xlabel(f"{xkey} (higher: closer to the prompt's voice)")
         ax.set_ylabel("accent: log-F0 correlation with ground truth (higher: better)")
-        ax.set_title(title + "; dashed: Griffin-Lim ceiling")
+        ax.set_title(f"{title}\n(Griffin-Lim ceiling: accent {gl[Y]:.3f}, SIM {gl[xkey]:.3f};"
+                     " point size grows with the step)", fontsize=10)  # fmt: skip
     fx, fy = [r[X] for r in front], [r[Y] for r in front]
     axes[0].step(fx, fy, where="post", color="black", lw=1.4, label="Pareto frontier")
     axes[0].legend(fontsize=7, loc="lower left", ncol=2)
+    _loss_panel(axes[2], main, base, color)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _loss_panel(ax: Any, main: Sequence[dict[str, Any]], base: dict[str, float],
+                color: dict[str, Any]) -> None:  # fmt: skip
+    """The language learned (JA dev loss, lower is better) against the English zero-shot SIM
+    kept: the losses' view of the same runs (trained runs only; post-hoc variants have no loss)."""
+    for method, lr in sorted({(r["method"], r["lr"]) for r in main if r["kind"] == "train"}):
+        pts = sorted((r for r in main if r["method"] == method and r["lr"] == lr),
+                     key=lambda r: r["step"])  # fmt: skip
+        xs, ys = [p["ja_dev_loss"] for p in pts], [p["en_sim"] for p in pts]
+        ax.plot(xs, ys, "-", color=color[method], lw=0.7, alpha=0.6)
+        ax.scatter(xs, ys, color=color[method], s=14 + 10 * np.arange(len(xs)))
+    ax.axhline(base["en_sim"], color="black", ls=":", lw=0.8)
+    ax.set_xlabel("Japanese dev loss (lower: more of the language learned)")
+    ax.set_ylabel("en_sim: held-out EN speakers (higher: zero-shot kept)")
+    ax.set_title("the losses' view; dotted: the base model's EN SIM")

@@ -40,10 +40,11 @@ sys.path.insert(0, str(HERE))
 from adapt import Job, run_all, run_job, run_posthoc  # noqa: E402
 from corpus import plan_corpus, render_corpus, write_eval_lists  # noqa: E402
 from methods import BY_NAME, METHODS, POSTHOC  # noqa: E402
-from report import (  # noqa: E402  # noqa: E402
+from report import (  # noqa: E402
     POINT_KEYS,
     X,
     Y,
+    add_intervals,
     dominance,
     markdown,
     pareto,
@@ -242,6 +243,11 @@ def adaptation(layout: Layout, budget: Budget, methods: list[str], opts) -> list
 
 def write_report(layout: Layout, results: list[dict[str, Any]], meta: dict[str, Any],
                  plot_out: Path | None) -> dict[str, Any]:  # fmt: skip
+    def folder_of(result: dict[str, Any]) -> Path:
+        posthoc = "source" in result
+        return layout.exp / "posthoc" / result["run"] if posthoc else layout.exp / result["run"]
+
+    add_intervals(results, folder_of)
     rows = point_rows(results)
     main = [r for r in rows if r["seed"] == SEED and r["step"] > 0]
     front = pareto([(r[X], r[Y]) for r in main])
