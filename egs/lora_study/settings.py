@@ -60,7 +60,7 @@ class Budget:
     max_duration: float = 20.0
     eval_num_step: int = 6
     lrs: int = 3  # how many of each method's learning rates
-    repeat_seeds: tuple[int, ...] = (7, 13)
+    repeat_seeds: tuple[int, ...] = (7,)  # (7, 13) did not fit the 2-core budget
     # Repeated with the extra seeds at their best lr: these, and the best-scoring other method.
     repeat_methods: tuple[str, ...] = ("full",)
 

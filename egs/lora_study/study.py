@@ -221,8 +221,8 @@ def balanced_score(points: dict[str, dict[str, float]]) -> float:
 
 
 def adaptation(layout: Layout, budget: Budget, methods: list[str], opts) -> list[dict[str, Any]]:
-    """The lr sweep of every method, then the repeats of the best lr of `repeat_methods`, then
-    the inference-time variants of the adapters they re-score."""
+    """The lr sweep of every method, then the repeats of the best lr of `repeat_methods` and of
+    the best-scoring other method, and the inference-time variants of the best adapter."""
     main = [Job(m, lr) for m in methods for lr in BY_NAME[m].lrs[: budget.lrs]]
     main[0] = Job(main[0].method, main[0].lr, score_start=True)  # the base model's point
     results = run_all([(run_job, layout, budget, j, opts.force) for j in main], opts.jobs)
@@ -235,8 +235,9 @@ def adaptation(layout: Layout, budget: Budget, methods: list[str], opts) -> list
     if others:  # the best-scoring method besides those named
         chosen.append(max(others, key=lambda m: balanced_score(best[m]["points"])))
     repeats = [Job(m, best[m]["lr"], seed) for m in chosen for seed in budget.repeat_seeds]
-    variants = [(run_posthoc, layout, budget, p.name, lr, opts.force) for p in POSTHOC
-                if p.source in methods for lr in BY_NAME[p.source].lrs[: budget.lrs]]  # fmt: skip
+    # Inference-time variants of the source method's adapter at its best learning rate.
+    variants = [(run_posthoc, layout, budget, p.name, best[p.source]["lr"], opts.force)
+                for p in POSTHOC if p.source in best]  # fmt: skip
     tasks = [(run_job, layout, budget, j, opts.force) for j in repeats] + variants
     return results + run_all(tasks, opts.jobs)
 
