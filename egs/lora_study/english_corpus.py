@@ -1,26 +1,18 @@
-"""A small multi-speaker English corpus from the TTS voices in Debian's main section.
+"""English sentences and the Debian TTS engines the study's English base voices come from.
 
-The study needs a base language with many distinguishable speakers and no download: flite's
-built-in voices, festival's diphone and HTS voices and espeak-ng variants at different pitch
-and rate give a dozen speakers in a few minutes. A few speakers are held out of pre-training;
-the base model's loss on them is its zero-shot speaker ability, and how much adaptation to
-Japanese raises it is the forgetting the study measures.
-
-Output: tsv files in the format `zipvoice.bin.prepare_dataset` reads (`id<TAB>text<TAB>wav`),
-ids `<speaker>_<nnnn>` so that the speaker is recorded in the supervisions.
+flite's built-in voices, festival's diphone and HTS voices and espeak-ng variants at different
+pitch and rate need no download; `corpus.py` renders each base voice once per sentence with
+`synthesize_one` / `synthesize_festival` and turns it into many pseudo-speakers
+(`pseudo_speakers.py`).
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from zipvoice.dataset.manifests import write_text_atomically
-from zipvoice.utils.audio import load_audio, save_wav, trim_silence
 
 SAMPLING_RATE = 24000
 
@@ -98,24 +90,7 @@ class EnglishSpeaker:
     voice: str
     pitch: int = 50
     words_per_minute: int = 160
-    held_out: bool = False
 
-
-SPEAKERS: tuple[EnglishSpeaker, ...] = (
-    EnglishSpeaker("flkal", "flite", "kal16"),
-    EnglishSpeaker("flawb", "flite", "awb"),
-    EnglishSpeaker("flslt", "flite", "slt"),
-    EnglishSpeaker("fekal", "festival", "kal_diphone"),
-    EnglishSpeaker("feslt", "festival", "cmu_us_slt_arctic_hts"),
-    EnglishSpeaker("esm3", "espeak", "en-us+m3", pitch=40, words_per_minute=165),
-    EnglishSpeaker("esf2", "espeak", "en-us+f2", pitch=60, words_per_minute=150),
-    EnglishSpeaker("esgbm1", "espeak", "en-gb+m1", pitch=35, words_per_minute=175),
-    EnglishSpeaker("esf3", "espeak", "en-gb-x-rp+f3", pitch=70, words_per_minute=155),
-    # Held out of pre-training: the zero-shot speakers.
-    EnglishSpeaker("flrms", "flite", "rms", held_out=True),
-    EnglishSpeaker("feked", "festival", "ked_diphone", held_out=True),
-    EnglishSpeaker("esf4", "espeak", "en-us+f4", pitch=55, words_per_minute=140, held_out=True),
-)
 
 # Programs each engine needs and the Debian package that provides them.
 ENGINE_PROGRAMS = {"flite": "flite", "festival": "festival", "espeak": "espeak-ng"}
@@ -150,7 +125,7 @@ def _festival_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def _synthesize_festival(speaker: EnglishSpeaker, jobs: list[tuple[str, Path]], tmp: Path) -> None:
+def synthesize_festival(speaker: EnglishSpeaker, jobs: list[tuple[str, Path]], tmp: Path) -> None:
     """One festival process per voice: starting festival costs far more than an utterance."""
     lines = [f"(voice_{speaker.voice})"]
     for text, raw_path in jobs:
@@ -168,7 +143,7 @@ def _synthesize_festival(speaker: EnglishSpeaker, jobs: list[tuple[str, Path]], 
         )
 
 
-def _synthesize_one(speaker: EnglishSpeaker, text: str, raw_path: Path) -> None:
+def synthesize_one(speaker: EnglishSpeaker, text: str, raw_path: Path) -> None:
     if speaker.engine == "flite":
         _run(["flite", "-voice", speaker.voice, "-t", text, "-o", str(raw_path)], "flite")
     elif speaker.engine == "espeak":
@@ -177,52 +152,3 @@ def _synthesize_one(speaker: EnglishSpeaker, text: str, raw_path: Path) -> None:
         _run(cmd, "espeak-ng")
     else:
         raise ValueError(f"unknown engine {speaker.engine!r}")
-
-
-def make_english_corpus(
-    out_dir: Path,
-    num_train_sentences: int,
-    num_dev_sentences: int,
-    speakers: Sequence[EnglishSpeaker] = SPEAKERS,
-    sentences: Sequence[str] = ENGLISH_SENTENCES,
-) -> dict[str, Path]:
-    """Write wavs (24 kHz, edge silences trimmed) and three tsv files:
-
-    - `en_train.tsv`: training speakers x the first `num_train_sentences` sentences;
-    - `en_dev.tsv`: training speakers x the next `num_dev_sentences` (unseen texts);
-    - `en_heldout.tsv`: held-out speakers x those same dev sentences (unseen voices and texts).
-    """
-    if num_train_sentences + num_dev_sentences > len(sentences):
-        raise ValueError(
-            f"{num_train_sentences} + {num_dev_sentences} sentences asked for, "
-            f"{len(sentences)} available"
-        )
-    check_engines(speakers)
-    wav_dir = out_dir / "wavs"
-    wav_dir.mkdir(parents=True, exist_ok=True)
-    train_ids = range(num_train_sentences)
-    dev_ids = range(num_train_sentences, num_train_sentences + num_dev_sentences)
-    rows: dict[str, list[str]] = {"train": [], "dev": [], "heldout": []}
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp_name:
-        tmp = Path(tmp_name)
-        for speaker in speakers:
-            wanted = list(dev_ids) if speaker.held_out else list(train_ids) + list(dev_ids)
-            jobs = [(sentences[i], tmp / f"{speaker.name}_{i:04d}.wav") for i in wanted]
-            if speaker.engine == "festival":
-                _synthesize_festival(speaker, jobs, tmp)
-            else:
-                for text, raw_path in jobs:
-                    _synthesize_one(speaker, text, raw_path)
-            for index, (text, raw_path) in zip(wanted, jobs, strict=True):
-                utt_id = f"{speaker.name}_{index:04d}"
-                wave = trim_silence(load_audio(raw_path, SAMPLING_RATE), SAMPLING_RATE)
-                wav_path = wav_dir / f"{utt_id}.wav"
-                save_wav(wav_path, wave, sr=SAMPLING_RATE)
-                subset = "heldout" if speaker.held_out else ("dev" if index in dev_ids else "train")
-                rows[subset].append(f"{utt_id}\t{text}\t{wav_path.resolve()}")
-    paths = {}
-    for subset, lines in rows.items():
-        path = out_dir / f"en_{subset}.tsv"
-        write_text_atomically(path, "".join(line + "\n" for line in lines))
-        paths[subset] = path
-    return paths

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The LoRA/DoRA accent-vs-speaker study in one command (see docs/lora-study.md).
 #
-#   egs/lora_study/run.sh            # full study, ~45 min on 2 shared CPU cores
-#   egs/lora_study/run.sh --quick    # smoke test of every stage, ~2 min
+#   egs/lora_study/run.sh            # full study, under 90 min on 2 shared CPU cores
+#   egs/lora_study/run.sh --quick    # smoke test of every stage, a few minutes
 #
-# Extra arguments go to study.py (--work-dir, --methods, --force, --plot-out, --threads).
+# Extra arguments go to study.py (--work-dir, --methods, --jobs, --force, --plot-out, --device,
+# --stop-after).
 # Needs the Debian TTS programs below; installs them with apt-get when run as root.
 set -euo pipefail
 
@@ -29,8 +30,9 @@ if ((${#missing[@]})); then
   fi
 fi
 
-if ! "$python" -c "import matplotlib" 2>/dev/null; then
-  echo "error: matplotlib is missing; install the study extra: pip install -e '$repo[study]'" >&2
+if ! "$python" -c "import matplotlib, resemblyzer, pyopenjtalk" 2>/dev/null; then
+  echo "error: the study needs the eval and study extras: scripts/setup.sh," \
+    "then pip install -e '$repo[study]'" >&2
   exit 1
 fi
 
