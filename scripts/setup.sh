@@ -30,9 +30,14 @@ pip_install -e ".[dev,eval]"
 # The offline speaker encoder of zipvoice.eval, without its `webrtcvad` (source-only, needs a
 # compiler) and `typing` requirements: the eval extra brings webrtcvad-wheels and librosa.
 pip_install --no-deps "resemblyzer==0.1.4"
-# Speech engines the evaluation tests synthesise voices with (Debian/Ubuntu packages). Installed
-# when missing and apt-get can run; otherwise those tests skip and say why.
-if ! command -v flite > /dev/null || ! command -v espeak-ng > /dev/null; then
+# Speech engines the evaluation and study tests synthesise voices with (Debian/Ubuntu packages,
+# about 10 MB). Installed when missing and apt-get can run; otherwise those tests skip and say why.
+engines=(flite espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts)
+missing=()
+for pkg in "${engines[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
   apt=""
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
     apt="apt-get"
@@ -41,11 +46,11 @@ if ! command -v flite > /dev/null || ! command -v espeak-ng > /dev/null; then
   fi
   if [ -n "$apt" ]; then
     # A fresh machine may have empty package lists: update once if the first try fails.
-    $apt install -y -q flite espeak-ng > /dev/null 2>&1 \
-      || { $apt update -q > /dev/null 2>&1 && $apt install -y -q flite espeak-ng > /dev/null; } \
-      || echo "setup: could not install flite/espeak-ng; some eval tests will skip"
+    $apt install -y -q "${missing[@]}" > /dev/null 2>&1 \
+      || { $apt update -q > /dev/null 2>&1 && $apt install -y -q "${missing[@]}" > /dev/null; } \
+      || echo "setup: could not install ${missing[*]}; some eval/study tests will skip"
   else
-    echo "setup: flite/espeak-ng missing (apt-get install flite espeak-ng); some eval tests will skip"
+    echo "setup: ${missing[*]} missing (apt-get install ${missing[*]}); some eval/study tests will skip"
   fi
 fi
 "$VENV/bin/python" -c "import torch, zipvoice; print('zipvoice ready: torch', torch.__version__)"
