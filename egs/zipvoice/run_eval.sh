@@ -37,7 +37,8 @@ fi
 test_list=${test_list:-}
 res_dir=${res_dir:-}
 score_dir=${score_dir:-}               # default: $res_dir/scores
-metrics=${metrics:-sim,dnsmos}         # from: sim, dnsmos, utmos, cer, wer, accent
+# metrics from: sim dnsmos utmos cer wer f0_corr f0_rmse vuv_error accent_probe (evaluate --help)
+metrics=${metrics:-sim,dnsmos}
 metric_opts=${metric_opts:-}           # space-separated key=value options for the scorers
 overwrite=${overwrite:-0}              # 1: replace earlier scores in score_dir
 use_upstream_models=${use_upstream_models:-0}

@@ -2,8 +2,8 @@
 """Score one folder of generated audio with several metrics and print one table.
 
     python3 -m zipvoice.bin.evaluate --wav-path results/ --test-list test.tsv \\
-        --metrics sim,dnsmos[,utmos,cer,wer,accent] [--model-dir tts_eval_models] \\
-        [--opt key=value ...] [--output-dir scores/]
+        --metrics sim,dnsmos[,utmos,cer,wer,f0_corr,accent_probe,...] \\
+        [--model-dir tts_eval_models] [--opt key=value ...] [--output-dir scores/]
 
 The test list is the inference list (name<TAB>prompt_text<TAB>prompt_wav<TAB>text) and
 `--wav-path` holds `<name>.wav` for each line. `sim` and `dnsmos` run offline with embedded

@@ -4,8 +4,9 @@
 
 `config` is a `TrainingConfig` (zipvoice.training.config); `trainable(name)` narrows which
 parameters train (see zipvoice.training.model_setup); callbacks observe or stop the run
-(zipvoice.training.callbacks). `fit()` runs one process, or spawns `run.world_size` DDP
-processes (then the Trainer, its predicate and callbacks must be picklable).
+(zipvoice.training.callbacks). `fit()` (zipvoice.training.launch) runs one process, spawns
+`run.world_size` DDP processes (then the Trainer, its predicate and callbacks must be
+picklable), or under torchrun runs this process's rank.
 
 The named steps, in order: `setup` (model, resume, optimiser, data, outputs), then per batch
 `train_step`, every `valid_interval` steps `validate`, every `save_every_n` steps `save`, and at
