@@ -8,6 +8,7 @@ that the peak read from the kernel (VmHWM) belongs to that method alone.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import inspect
@@ -257,6 +258,23 @@ def check_code_root(code_root: Path | None) -> None:
     where = Path(zipvoice.__file__).resolve()
     if code_root.resolve() not in where.parents:
         raise SystemExit(f"worker imported zipvoice from {where}, expected under {code_root}")
+
+
+def add_side_by_side_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags both benchmarks share for `--baseline REF` runs; `--worker`, `--code-root` and
+    `--lockstep` are internal (the parent passes them to the worker processes it starts)."""
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REF",
+        help="also run git revision REF's code side by side (interleaved) and print ratios",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --baseline: worker processes per revision"
+    )
+    parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
 
 
 def interleaved(rounds: int, labels: Sequence[str]) -> list[str]:

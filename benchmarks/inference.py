@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
     MIB,
     RELEASED_VOCAB_SIZE,
     PeakMemory,
+    add_side_by_side_arguments,
     check_code_root,
     describe_machine,
     emit_result,
@@ -318,24 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocoder", action="store_true", help="include a Vocos decode")
     parser.add_argument("--model-config", type=Path, default=None, help="default: released")
     parser.add_argument("--vocab-size", type=int, default=RELEASED_VOCAB_SIZE)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--baseline",
-        default=None,
-        metavar="REF",
-        help="also run git revision REF's code side by side (interleaved) and print ratios",
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="with --baseline: worker processes per revision"
-    )
+    add_side_by_side_arguments(parser)
     parser.add_argument(
         "--profile",
         action="store_true",
         help="instead of timing: torch.profiler's top ops for one Euler step per method",
     )
     parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--save-output", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 

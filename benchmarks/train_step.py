@@ -51,6 +51,7 @@ from _common import (  # noqa: E402
     MIB,
     RELEASED_VOCAB_SIZE,
     PeakMemory,
+    add_side_by_side_arguments,
     check_code_root,
     describe_machine,
     emit_result,
@@ -292,19 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
     parser.add_argument("--model-config", type=Path, default=None, help="default: released")
     parser.add_argument("--vocab-size", type=int, default=RELEASED_VOCAB_SIZE)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--baseline",
-        default=None,
-        metavar="REF",
-        help="also run git revision REF's code side by side (interleaved) and print ratios",
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="with --baseline: worker processes per revision"
-    )
+    add_side_by_side_arguments(parser)
     parser.add_argument("--checkpoint", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--code-root", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
