@@ -120,6 +120,7 @@ def trainer_config(method: str, checkpoint: Path, cli: argparse.Namespace) -> An
             "lora_target_modules": preset,
             "lora_rank": cli.rank,
             "lora_alpha": 2 * cli.rank,
+            "lora_dropout": cli.lora_dropout if use_lora else None,
             "use_fp16": cli.dtype == "fp16",
             # The documented adapter learning rate; full training keeps ScaledAdam's default.
             "base_lr": 0.001 if use_lora else None,
@@ -290,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         "+kd (presets: " + ", ".join(PRESET_NAMES) + ")",
     )
     parser.add_argument("--rank", type=int, default=32, help="adapter rank (alpha = 2 * rank)")
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=None,
+        help="adapter dropout (default: the training command's). With 0, PEFT's DoRA reuses "
+        "the base layer's output instead of recomputing it on the dropped-out input",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
     parser.add_argument("--model-config", type=Path, default=None, help="default: released")
     parser.add_argument("--vocab-size", type=int, default=RELEASED_VOCAB_SIZE)
@@ -323,6 +331,7 @@ def main() -> None:
         f"--device={device.type}",
         f"--dtype={cli.dtype}",
         f"--rank={cli.rank}",
+        *([f"--lora-dropout={cli.lora_dropout}"] if cli.lora_dropout is not None else []),
         f"--threads={cli.threads}",
         f"--vocab-size={cli.vocab_size}",
     ]
@@ -343,7 +352,8 @@ def main() -> None:
     print(
         f"train step: {config_source}, {reference['total']:,} parameters, batch "
         f"{cli.batch_size} x {cli.frames} frames x {cli.tokens} tokens, {cli.dtype}, "
-        f"median of {cli.steps} steps x {cli.rounds} process(es) after {cli.warmup} warm-up; "
+        + ("" if cli.lora_dropout is None else f"adapter dropout {cli.lora_dropout}, ")
+        + f"median of {cli.steps} steps x {cli.rounds} process(es) after {cli.warmup} warm-up; "
         f"{results[0]['machine']}; load average at the start {os.getloadavg()[0]:.2f}"
     )
     print(

@@ -150,9 +150,16 @@ def _scaled_adam_run(foreach: bool) -> list[torch.Tensor]:
     return [p.detach() for p in params]
 
 
-def test_fused_scaled_adam_equals_the_per_tensor_loop():
-    """The torch._foreach_* update (reductions in another order, addcdiv) against the plain
-    per-tensor loop: the same parameters up to float rounding."""
+@pytest.mark.parametrize("chunk_elements", [None, 1000])
+def test_fused_scaled_adam_equals_the_per_tensor_loop(chunk_elements, monkeypatch):
+    """The torch._foreach_* update (reductions in another order, clipping and bias
+    correction folded into scalars) against the plain per-tensor loop: the same parameters up
+    to float rounding, also when tensors are cut into pieces across chunks (1000 elements:
+    the (64, 32) and (300, 40) matrices span several)."""
+    import zipvoice.utils.optim as optim
+
+    if chunk_elements is not None:
+        monkeypatch.setattr(optim, "_FOREACH_CHUNK_ELEMENTS", chunk_elements)
     fused, loop = _scaled_adam_run(True), _scaled_adam_run(False)
     for a, b in zip(fused, loop, strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
@@ -199,3 +206,97 @@ def test_activation_linear_on_a_permuted_input_with_a_frozen_weight(batch, train
         (got,) = torch.autograd.grad(out, x, out_grad)
         (want,) = torch.autograd.grad(expected, x, out_grad)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _autograd_whitening_metric(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The whitening metric as upstream writes it, for autograd to differentiate."""
+    x = x.reshape(-1, x.shape[-1])
+    frames, channels = x.shape
+    x = x.reshape(frames, num_groups, channels // num_groups).transpose(0, 1)
+    x = x - x.mean(dim=1, keepdim=True)
+    covar = torch.matmul(x.transpose(1, 2), x)
+    mean_diag = torch.diagonal(covar, dim1=1, dim2=2).mean()
+    return (covar**2).sum() / (num_groups * x.shape[2]) / (mean_diag**2 + 1.0e-20)
+
+
+@pytest.mark.parametrize("num_groups", [1, 4])
+def test_written_out_whitening_gradient_equals_autograd(num_groups):
+    """Whiten's backward computes the metric's gradient by hand (one product fewer): it must
+    equal autograd's through the plain formula, and be skipped below the limit."""
+    from zipvoice.models.modules.scaling import _whitening_penalty
+
+    torch.manual_seed(0)
+    mixing = torch.randn(32, 32) + 3 * torch.eye(32)  # correlated channels: far from white
+    x = (torch.randn(50, 2, 32) @ mixing + 0.5).requires_grad_(True)
+    reference = _autograd_whitening_metric(x, num_groups)
+    reference.backward()
+    metric, grad = _whitening_penalty(x.detach(), num_groups, limit=1.0)
+    assert metric == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert grad is not None and grad.shape == x.shape
+    torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-7 * float(x.grad.abs().max()))
+    assert _whitening_penalty(x.detach(), num_groups, limit=metric * 1.01) == (metric, None)
+
+
+def _autograd_balancer_grad(x, x_grad, min_mean, max_mean, min_rms, max_rms, scale, dim):
+    """The Balancer's edited gradient as upstream computes it: autograd through the loss on
+    the whole tensor."""
+    x = x.detach().requires_grad_(True)
+    mean_dims = [i for i in range(x.ndim) if i != dim % x.ndim]
+    uncentered_var = (x**2).mean(dim=mean_dims, keepdim=True)
+    mean = x.mean(dim=mean_dims, keepdim=True)
+    stddev = (uncentered_var - mean * mean).clamp(min=1.0e-20).sqrt()
+    rms = uncentered_var.clamp(min=1.0e-20).sqrt()
+    m = mean / stddev
+    m_loss = (m - m.clamp(min=min_mean, max=max_mean)).abs()
+    r_loss = (rms.clamp(min=min_rms, max=max_rms) / rms).log().abs()
+    (m_loss + r_loss).sum().backward()
+    loss_rms = (x.grad**2).mean(dim=mean_dims, keepdim=True).sqrt().clamp(min=1.0e-20)
+    return x_grad + x_grad.abs() * x.grad * (scale / loss_rms)
+
+
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+def test_balancer_gradient_from_channel_statistics_equals_autograd(channel_dim):
+    """Balancer's backward differentiates its loss through the per-channel mean and mean
+    square only: the same edited gradient as autograd through the whole tensor."""
+    from zipvoice.models.modules.scaling import _BalancerFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(30, 3, 16)
+    # Channels out of range both ways: shifted means (sign balance), tiny and huge rms.
+    x = x * torch.logspace(-2, 1.5, 16) + torch.linspace(-3, 3, 16)
+    if channel_dim == 1:
+        x = x.transpose(1, 2).contiguous()  # (30, 16, 3)
+    x_grad = torch.randn(x.shape)
+    settings = (-0.5, 0.5, 0.2, 4.0, 0.04, channel_dim)
+    leaf = x.clone().requires_grad_(True)
+    _BalancerFunction.apply(leaf, *settings).backward(x_grad)
+    reference = _autograd_balancer_grad(x, x_grad, *settings)
+    assert (leaf.grad - x_grad).abs().max() > 1e-3  # the edit is there
+    torch.testing.assert_close(leaf.grad, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [31, 7])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_channels_last_depthwise_conv_training_equals_conv1d(kernel, batch, permuted):
+    """The training path's depthwise convolution (channels-last forward, hand-written
+    backward) against Conv1d and its autograd: output, input, weight and bias gradients, for
+    a contiguous input and for the convolution module's (T, B, C) permuted to (B, C, T)."""
+    from zipvoice.models.modules.fastpath import depthwise_conv1d, use_channels_last_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(24, 24, kernel, groups=24, padding=kernel // 2)
+    x = torch.randn(40, batch, 24).permute(1, 2, 0) if permuted else torch.randn(batch, 24, 40)
+    grad = torch.randn(batch, 24, 40)
+    assert use_channels_last_conv(conv, x)
+    results = []
+    for fast in (True, False):
+        leaf = x.clone().requires_grad_(True)
+        conv.zero_grad(set_to_none=True)
+        out = depthwise_conv1d(conv, leaf) if fast else conv(leaf)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad, conv.weight.grad, conv.bias.grad))
+    for fast, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    strided = torch.nn.Conv1d(24, 24, kernel, groups=24, padding=kernel // 2, stride=2)
+    assert not use_channels_last_conv(strided, x)

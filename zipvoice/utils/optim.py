@@ -19,23 +19,32 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-# Elements per fused chunk of ScaledAdam's update: its temporaries (two per tensor) stay small
-# and the chunk's passes run in cache.
-_FOREACH_CHUNK_ELEMENTS = 1 << 19
+# Elements per fused chunk of ScaledAdam's update. Large tensors are cut into flat pieces of at
+# most this size, so a chunk's passes (parameter, gradient, two state tensors and the
+# denominator: ~2.5 MiB) run in cache and the denominator is one small reused buffer.
+_FOREACH_CHUNK_ELEMENTS = 1 << 18
 
 
-def _chunks(params: list[Tensor], max_elements: int) -> Iterable[list[Tensor]]:
-    """Consecutive runs of params holding about max_elements (at least one tensor each)."""
-    chunk: list[Tensor] = []
+def _chunks(pieces: list[tuple], max_elements: int) -> Iterable[list[tuple]]:
+    """Consecutive runs of pieces (tuples led by a tensor) holding about max_elements of
+    their first tensors (at least one piece each)."""
+    chunk: list[tuple] = []
     size = 0
-    for p in params:
-        if chunk and size + p.numel() > max_elements:
+    for piece in pieces:
+        numel = piece[0].numel()
+        if chunk and size + numel > max_elements:
             yield chunk
             chunk, size = [], 0
-        chunk.append(p)
-        size += p.numel()
+        chunk.append(piece)
+        size += numel
     if chunk:
         yield chunk
+
+
+def _flat_pieces(tensor: Tensor, max_elements: int) -> list[Tensor]:
+    """Views of a contiguous tensor's elements, in order, each at most max_elements long."""
+    flat = tensor.view(-1)
+    return [flat[i : i + max_elements] for i in range(0, flat.numel(), max_elements)]
 
 
 class ScaledAdam(Optimizer):
@@ -194,8 +203,7 @@ class ScaledAdam(Optimizer):
                     self._step_tensor(group, p, grad, state)
                 state["step"] += 1
             for params in fused.values():
-                for chunk in _chunks(params, _FOREACH_CHUNK_ELEMENTS):
-                    self._step_tensors(group, chunk, clip)
+                self._step_tensors(group, params, clip)
                 for p in params:
                     self.state[p]["step"] += 1
         self._num_steps += 1
@@ -263,32 +271,57 @@ class ScaledAdam(Optimizer):
         p.add_(delta)
 
     def _step_tensors(self, group: dict, params: list[Tensor], clip: float) -> None:
-        """`_step_tensor` for tensors at the same step, with torch._foreach_* ops: a few
-        passes over each tensor, no per-op dispatch per tensor, and temporaries only for one
-        chunk (the caller bounds its size, which also keeps the passes in cache)."""
+        """`_step_tensor` for tensors at the same step, with torch._foreach_* ops over chunks
+        of flat pieces (see _FOREACH_CHUNK_ELEMENTS): every element is read from memory about
+        once per step and nothing of a tensor's size is allocated. The gradient is never
+        scaled in place: the clipping factor goes into the ops' scalars, and the bias
+        correction into the step size, sqrt(e / c) + eps = (sqrt(e) + eps sqrt(c)) / sqrt(c)."""
         beta1, beta2 = group["betas"]
         period = group["size_update_period"]
         states = [self.state[p] for p in params]
         step = states[0]["step"]
-        grads = [p.grad for p in params]
-        if clip != 1.0:
-            grads = torch._foreach_mul(grads, clip)
-        for p, grad, state in zip(params, grads, states, strict=True):
-            state["scale_grads"][step % period] = torch.dot(p.view(-1), grad.view(-1))
-            if step % period == period - 1:
+        slot = step % period
+        updates_size = slot == period - 1
+        for p, state in zip(params, states, strict=True):
+            scale_grads = state["scale_grads"]
+            if updates_size:
+                # The size step goes into delta before this step's update: it needs the whole
+                # sum(p * grad) first.
+                scale_grads[slot] = torch.dot(p.view(-1), p.grad.view(-1)) * clip
                 self._update_size(group, p, state)
-        exp_avg_sq = [state["exp_avg_sq"] for state in states]
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-        denom = torch._foreach_div(exp_avg_sq, 1 - beta2 ** (step + 1))
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
+            else:
+                scale_grads[slot] = 0.0
+        root_correction = math.sqrt(1 - beta2 ** (step + 1))
         rms = torch.cat([state["param_rms"] for state in states])
-        alphas = (-group["lr"] * (1 - beta1) * rms.clamp(min=group["param_min_rms"])).tolist()
-        deltas = [state["delta"] for state in states]
-        torch._foreach_mul_(deltas, beta1)
-        torch._foreach_addcdiv_(deltas, grads, denom, alphas)
-        torch._foreach_add_(params, deltas)
+        alphas = (-group["lr"] * (1 - beta1) * root_correction * clip) * rms.clamp(
+            min=group["param_min_rms"]
+        )
+        # One tuple per flat piece: (param, grad, delta, exp_avg_sq, scale_grads, alpha).
+        pieces = []
+        for p, state, alpha in zip(params, states, alphas.tolist(), strict=True):
+            tensors = (p, p.grad, state["delta"], state["exp_avg_sq"])
+            views = [_flat_pieces(t, _FOREACH_CHUNK_ELEMENTS) for t in tensors]
+            for piece in zip(*views, strict=True):
+                pieces.append((*piece, state["scale_grads"], alpha))
+        total = sum(p.numel() for p in params)
+        buffer = params[0].new_empty(min(_FOREACH_CHUNK_ELEMENTS, total))
+        for chunk in _chunks(pieces, _FOREACH_CHUNK_ELEMENTS):
+            ps, grads, deltas, exp_avg_sq, scale_grads, chunk_alphas = (
+                list(column) for column in zip(*chunk, strict=True)
+            )
+            if not updates_size:
+                for p, grad, sums in zip(ps, grads, scale_grads, strict=True):
+                    sums[slot].add_(torch.dot(p, grad), alpha=clip)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=(1 - beta2) * clip * clip)
+            denom, offset = [], 0
+            for e in exp_avg_sq:
+                denom.append(torch.sqrt(e, out=buffer[offset : offset + e.numel()]))
+                offset += e.numel()
+            torch._foreach_add_(denom, group["eps"] * root_correction)
+            torch._foreach_mul_(deltas, beta1)
+            torch._foreach_addcdiv_(deltas, grads, denom, chunk_alphas)
+            torch._foreach_add_(ps, deltas)
 
     def _step_scalar(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
         beta1 = group["betas"][0]

@@ -1,11 +1,14 @@
-"""Inference-only layouts that compute the same numbers faster on the CPU.
+"""Layouts that compute the same numbers faster on the CPU.
 
-Each function here replaces a plain expression in a module's forward when no autograd graph is
-recorded and nothing is being exported or compiled (the plain expression stays the exported and
-trained one); tests/test_perf_parity.py pins each against the expression it replaces.
+Each function here replaces a plain expression in a module's forward on the CPU when nothing is
+being exported or compiled (the plain expression stays the exported one): the inference ones
+when no autograd graph is recorded, `depthwise_conv1d` in training too. tests/test_perf_parity.py
+pins each against the expression it replaces.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,3 +51,76 @@ def gated_depthwise_conv(
         groups=conv.groups,
     )
     return out.squeeze(2)
+
+
+def use_channels_last_conv(conv: nn.Conv1d, x: Tensor) -> bool:
+    """Whether `depthwise_conv1d` can stand in for conv(x): a CPU float32 depthwise
+    convolution with stride 1, no dilation and "same" padding of an odd kernel, outside
+    export and compilation."""
+    kernel = conv.kernel_size[0]
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and conv.groups == conv.in_channels == conv.out_channels
+        and conv.stride == (1,)
+        and conv.dilation == (1,)
+        and kernel % 2 == 1
+        and conv.padding == (kernel // 2,)
+        and conv.bias is not None
+        and not is_exporting()
+    )
+
+
+def _channels_last_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+    """Depthwise conv1d of x (B, C, T) by weight (C, 1, K) as a channels-last conv2d.
+
+    The input is given the canonical channels-last strides of (B, C, 1, T), copying only when
+    its memory is not (B, T, C)-ordered already. A permuted (T, B, C) tensor with B = 1 is
+    that order, but its batch stride is C rather than T * C (any value is valid for a size-1
+    dimension); oneDNN then takes a path 15x slower (4.2 ms against 0.3 ms at 512 x 200)."""
+    batch, channels, frames = x.shape
+    if not x.transpose(1, 2).is_contiguous():
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    size = frames * channels
+    x = x.as_strided((batch, channels, 1, frames), (size, 1, size, channels))
+    out = F.conv2d(x, weight.unsqueeze(2), bias, padding=(0, padding), groups=weight.shape[0])
+    return out.squeeze(2)
+
+
+class _DepthwiseConv1d(torch.autograd.Function):
+    """Depthwise conv1d whose forward and backward are all fast oneDNN calls.
+
+    On the CPU oneDNN's depthwise convolution on (B, C, T) and its backward are several times
+    slower than the channels-last forward (measured here at 512 channels, kernel 31: 11 ms
+    against 1.1 ms for forward + backward at 200 frames, 49 against 11 ms at 1000 frames). So:
+    forward channels-last; input gradient = the same convolution of the output gradient with the
+    kernel reversed; weight gradient = one grouped convolution that slides the output gradient
+    of each (batch, channel) over that row of the padded input, summed over the batch; bias
+    gradient = the output gradient's sum."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return _channels_last_conv(x, weight, bias, weight.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        padding = weight.shape[-1] // 2
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _channels_last_conv(grad, weight.flip(-1), None, padding)
+        if ctx.needs_input_grad[1]:
+            batch, channels, frames = x.shape
+            rows = F.pad(x, (padding, padding)).transpose(0, 1).reshape(1, channels * batch, -1)
+            kernels = grad.transpose(0, 1).reshape(channels * batch, 1, frames)
+            per_row = F.conv1d(rows, kernels, groups=channels * batch)
+            grad_weight = per_row.view(channels, batch, -1).sum(1).unsqueeze(1)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=(0, 2))
+        return grad_x, grad_weight, grad_bias
+
+
+def depthwise_conv1d(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """conv(x) for x (B, C, T) through `_DepthwiseConv1d` (see use_channels_last_conv)."""
+    return _DepthwiseConv1d.apply(x, conv.weight, conv.bias)

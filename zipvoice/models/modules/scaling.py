@@ -469,30 +469,55 @@ class _BalancerFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         min_mean, max_mean, min_rms, max_rms, grad_scale, channel_dim = ctx.config
         try:
-            with torch.enable_grad(), torch.amp.autocast("cuda", enabled=False):
-                x = x.detach().float().requires_grad_(True)
-                mean_dims = [i for i in range(x.ndim) if i != channel_dim]
-                uncentered_var = (x**2).mean(dim=mean_dims, keepdim=True)
-                mean = x.mean(dim=mean_dims, keepdim=True)
-                stddev = (uncentered_var - mean * mean).clamp(min=1.0e-20).sqrt()
-                rms = uncentered_var.clamp(min=1.0e-20).sqrt()
-                # Penalise mean/stddev outside its range (the sign balance) and rms outside
-                # its range (the magnitude), on a log scale for the latter.
-                m = mean / stddev
-                m_loss = (m - m.clamp(min=min_mean, max=max_mean)).abs()
-                r_loss = (rms.clamp(min=min_rms, max=max_rms) / rms).log().abs()
-                (m_loss + r_loss).sum().backward()
-                loss_grad = x.grad
-                loss_grad_rms = (
-                    (loss_grad**2).mean(dim=mean_dims, keepdim=True).sqrt().clamp(min=1.0e-20)
+            with torch.no_grad(), torch.amp.autocast("cuda", enabled=False):
+                x = x.detach().float()
+                loss_grad = _balancer_loss_grad(
+                    x, channel_dim, min_mean, max_mean, min_rms, max_rms
                 )
-                loss_grad = loss_grad * (grad_scale / loss_grad_rms)
+                mean_dims = [i for i in range(x.ndim) if i != channel_dim]
+                loss_grad_rms = (loss_grad * loss_grad).mean(dim=mean_dims, keepdim=True)
+                loss_grad_rms = loss_grad_rms.sqrt().clamp(min=1.0e-20)
+                loss_grad.mul_(grad_scale / loss_grad_rms)
                 x_grad_float = x_grad.float()
                 # Scale by |x_grad| so the edit is proportionate to the real gradient there.
-                x_grad = (x_grad_float + x_grad_float.abs() * loss_grad).to(x_grad.dtype)
+                x_grad = torch.addcmul(x_grad_float, x_grad_float.abs(), loss_grad).to(x_grad.dtype)
         except Exception as exc:  # noqa: BLE001 - a shaper must never break training
             logging.info("Balancer backward skipped: %s (shape %s)", exc, list(x_grad.shape))
         return x_grad, None, None, None, None, None, None
+
+
+def _balancer_loss_grad(
+    x: Tensor, channel_dim: int, min_mean: float, max_mean: float, min_rms: float, max_rms: float
+) -> Tensor:
+    """d(loss)/dx of the Balancer's loss: per channel, |m - clamp(m)| with m = mean / stddev
+    (the sign balance, kept in [min_mean, max_mean]) plus |log(clamp(rms) / rms)| (the
+    magnitude, kept in [min_rms, max_rms]).
+
+    The loss depends on x only through each channel's mean and mean square q, so the gradient
+    is a + b x per channel, one pass: a = dL/d(mean) / N, b = 2 dL/dq / N, with (s = stddev,
+    sign_m and sign_r -1 below the range, +1 above, 0 inside)
+    dL/d(mean) = sign_m (1 / s + mean^2 / s^3), dL/dq = -sign_m mean / (2 s^3) + sign_r / (2 q)
+    (autograd's values for the same formula, written out: no graph over per-channel
+    tensors)."""
+    mean_dims = [i for i in range(x.ndim) if i != channel_dim]
+    size = x.numel() // x.shape[channel_dim]
+    mean = x.mean(dim=mean_dims, keepdim=True)
+    # (x * x).mean: linalg.vector_norm over leading dims is not vectorised (~20x slower).
+    mean_square = (x * x).mean(dim=mean_dims, keepdim=True)
+    variance = mean_square - mean * mean
+    stddev = variance.clamp(min=1.0e-20).sqrt()
+    m = mean / stddev
+    sign_m = (m > max_mean).to(x.dtype) - (m < min_mean).to(x.dtype)
+    rms = mean_square.clamp(min=1.0e-20).sqrt()
+    sign_r = (rms > max_rms).to(x.dtype) - (rms < min_rms).to(x.dtype)
+    # Where the variance is clamped, m does not depend on it.
+    through_stddev = (variance > 1.0e-20).to(x.dtype) * mean / stddev**3
+    d_mean = sign_m * (1.0 / stddev + through_stddev * mean)
+    d_mean_square = -0.5 * sign_m * through_stddev
+    d_mean_square += (
+        0.5 * sign_r * (mean_square > 1.0e-20).to(x.dtype) / mean_square.clamp(min=1.0e-20)
+    )
+    return torch.addcmul(d_mean / size, d_mean_square, x, value=2.0 / size)
 
 
 def _proportion_positive_to_mean(p: float) -> float:
@@ -554,18 +579,38 @@ class Balancer(nn.Module):
         )
 
 
-def _whitening_metric(x: Tensor, num_groups: int) -> Tensor:
-    """1.0 when each group's centred covariance is a multiple of I (same across groups);
-    larger the less white."""
+def _centred_groups(x: Tensor, num_groups: int) -> Tensor:
+    """(num_groups, frames, channels // num_groups): each group's channels, mean removed."""
     x = x.reshape(-1, x.shape[-1])
     num_frames, num_channels = x.shape
-    per_group = num_channels // num_groups
-    x = x.reshape(num_frames, num_groups, per_group).transpose(0, 1)
-    x = x - x.mean(dim=1, keepdim=True)
-    covar = torch.matmul(x.transpose(1, 2), x)
-    covar_mean_diag = torch.diagonal(covar, dim1=1, dim2=2).mean()
-    covarsq_mean_diag = (covar**2).sum() / (num_groups * per_group)
-    return covarsq_mean_diag / (covar_mean_diag**2 + 1.0e-20)
+    x = x.reshape(num_frames, num_groups, num_channels // num_groups).transpose(0, 1)
+    return x - x.mean(dim=1, keepdim=True)
+
+
+def _whitening_penalty(x: Tensor, num_groups: int, limit: float) -> tuple[float, Tensor | None]:
+    """The whitening metric m (1.0 when each group's centred covariance is a multiple of I,
+    the same across groups; larger the less white) and, when m is not below limit, dm/dx.
+
+    m = S / (D^2 + eps), with C_g = x_g^T x_g of the centred groups, D the mean of all the
+    diagonals and S the sum of all squared entries over G * P (G groups of P channels). Its
+    gradient is written out: dm/dC_g = 2 / (G P) * (C_g / (D^2 + eps) - S D / (D^2 + eps)^2 I)
+    and dm/dx_g = 2 x_g dm/dC_g (C_g is symmetric; the centring passes it unchanged, since
+    x_g dm/dC_g already has zero mean over frames): one product more than the metric, where
+    autograd's backward of x^T x takes two."""
+    centred = _centred_groups(x, num_groups)
+    num_groups, _, per_group = centred.shape
+    covar = torch.matmul(centred.transpose(1, 2), centred)
+    count = num_groups * per_group
+    mean_diag = torch.diagonal(covar, dim1=1, dim2=2).sum() / count
+    mean_sq = (covar**2).sum() / count
+    denom = mean_diag**2 + 1.0e-20
+    metric = float(mean_sq / denom)
+    if metric < limit:
+        return metric, None
+    d_covar = covar.mul_(2.0 / (count * denom))  # covar is not needed after this
+    torch.diagonal(d_covar, dim1=1, dim2=2).sub_(2.0 * mean_sq * mean_diag / (count * denom**2))
+    grad = torch.matmul(centred, d_covar).mul_(2.0)  # (G, frames, P)
+    return metric, grad.transpose(0, 1).reshape(x.shape)
 
 
 class _WhiteningPenaltyFunction(torch.autograd.Function):
@@ -580,15 +625,14 @@ class _WhiteningPenaltyFunction(torch.autograd.Function):
         (x_orig,) = ctx.saved_tensors
         whiten: Whiten = ctx.module
         try:
-            with torch.enable_grad(), torch.amp.autocast("cuda", enabled=False):
-                x = x_orig.detach().float().requires_grad_(True)
-                metric = _whitening_metric(x, whiten.num_groups)
-                if metric < float(whiten.whitening_limit):
+            with torch.no_grad(), torch.amp.autocast("cuda", enabled=False):
+                _, penalty_grad = _whitening_penalty(
+                    x_orig.detach().float(), whiten.num_groups, float(whiten.whitening_limit)
+                )
+                if penalty_grad is None:
                     whiten.prob = whiten.min_prob
                     return x_grad, None
                 whiten.prob = whiten.max_prob
-                metric.backward()
-                penalty_grad = x.grad
                 scale = float(whiten.grad_scale) * (
                     x_grad.float().norm() / (penalty_grad.norm() + 1.0e-20)
                 )
