@@ -4,6 +4,7 @@ wavs, adapters with non-trivial weights."""
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,11 @@ def expected_samples(workdir: Path, text: str = TEXT, speed: float = 1.0) -> int
     text_tokens = len(tokenizer.texts_to_token_ids([add_punctuation(text)])[0])
     prompt_tokens = len(tokenizer.texts_to_token_ids([add_punctuation(PROMPT_TEXT)])[0])
     return math.ceil(frames / prompt_tokens * text_tokens / speed) * 256
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now (for a
+    test's torchrun rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

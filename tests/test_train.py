@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import PARITY
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
-from tests.helpers import ADAPTER_FILES
+from tests.helpers import ADAPTER_FILES, free_port
 from zipvoice.bin.train_zipvoice import get_parser, main
 from zipvoice.dataset.config import DataConfig
 from zipvoice.models.modules.adapter_folder import fingerprint_state_dict, load_adapter
@@ -310,18 +309,12 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(japanese_fbank_manif
     assert "resuming from" in log_text and "checkpoint-3.pt" in log_text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_ddp_on_cpu(japanese_fbank_manifests, tmp_path):
     config = user_config(
         japanese_fbank_manifests,
         tmp_path,
         world_size=2,
-        master_port=_free_port(),
+        master_port=free_port(),
         num_iters=2,
         save_every_n=0,
         valid_interval=0,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import PARITY, REPO
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
+from tests.helpers import free_port
 from tests.test_train import user_config, user_flags
 from zipvoice.bin.generate_averaged_model import main as average_main
 from zipvoice.models.loader import build_model, load_model_config
@@ -231,12 +231,6 @@ def test_trainer_writes_the_averaged_adapter_and_it_loads(japanese_fbank_manifes
 # ---------------------------------------------------------------- torchrun
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("RANK", None)
@@ -261,7 +255,7 @@ def _check_one_writer(exp: Path) -> None:
 def test_torchrun_two_ranks_one_writer(japanese_fbank_manifests, tmp_path):
     exp = tmp_path / "exp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]  # fmt: skip
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
     done = subprocess.run(cmd + _train_argv(japanese_fbank_manifests, exp), env=_torchrun_env(),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -270,7 +264,7 @@ def test_torchrun_two_ranks_one_writer(japanese_fbank_manifests, tmp_path):
 
 
 def test_two_node_rendezvous_on_localhost(japanese_fbank_manifests, tmp_path):
-    exp, port = tmp_path / "exp", str(_free_port())
+    exp, port = tmp_path / "exp", str(free_port())
     # Each launcher writes to its own file: with pipes read one after the other, the second
     # node could block on a full pipe while the first waits for it at the rendezvous.
     logs = [tmp_path / f"node-{node}.log" for node in (0, 1)]
