@@ -128,23 +128,26 @@ def test_decoder_inference_path_matches_the_autograd_path():
 
 
 def _scaled_adam_run(foreach: bool) -> list[torch.Tensor]:
-    """Twelve ScaledAdam steps on mixed shapes (matrices, vectors, scalars, a tensor whose
-    gradient is missing on some steps), with gradient clipping active on two of them."""
+    """Twelve ScaledAdam steps on mixed shapes and dtypes (matrices, vectors, scalars, a
+    float64 matrix, a tensor whose gradient is missing on some steps), with gradient clipping
+    active on two of them."""
     from zipvoice.utils.optim import ScaledAdam
 
     torch.manual_seed(0)
-    shapes = [(64, 32), (32,), (1,), (7, 3, 5), (300, 40), (40,), (1,), (9, 9)]
+    shapes = [(64, 32), (32,), (1,), (7, 3, 5), (300, 40), (40,), (1,), (20, 30), (9, 9)]
     params = [
         torch.nn.Parameter(torch.randn(shape) * (2.0 if i % 3 == 0 else 0.05))
         for i, shape in enumerate(shapes)
     ]
+    params[7].data = params[7].data.double()  # a float64 tensor among float32 ones
     optimizer = ScaledAdam(params, lr=0.02, clipping_scale=2.0, foreach=foreach)
     generator = torch.Generator().manual_seed(1)
     for step in range(12):
         scale = 1e-2 if step in (5, 9) else 1e-3  # large gradients: clipped
         for i, p in enumerate(params):
             missing = i == len(params) - 1 and step in (2, 3, 4)
-            p.grad = None if missing else torch.randn(p.shape, generator=generator) * scale
+            grad = torch.randn(p.shape, generator=generator) * scale
+            p.grad = None if missing else grad.to(p.dtype)
         optimizer.step()
     assert optimizer._num_clipped == 2
     return [p.detach() for p in params]

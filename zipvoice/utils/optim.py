@@ -184,7 +184,9 @@ class ScaledAdam(Optimizer):
                 loss = closure()
         clip = self._clipping_factor()
         for group in self.param_groups:
-            fused: dict[int, list[Tensor]] = {}
+            # One fused update per (step, dtype, device): the ops' lists and the shared
+            # denominator buffer need one of each.
+            fused: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -194,7 +196,7 @@ class ScaledAdam(Optimizer):
                 if len(state) == 0:
                     self._init_state(group, p, state)
                 if self._fusable(p):
-                    fused.setdefault(state["step"], []).append(p)
+                    fused.setdefault((state["step"], p.dtype, p.device), []).append(p)
                     continue
                 grad = p.grad if clip == 1.0 else p.grad * clip
                 if p.numel() == 1:

@@ -56,7 +56,7 @@ def gated_depthwise_conv(
 def use_channels_last_conv(conv: nn.Conv1d, x: Tensor) -> bool:
     """Whether `depthwise_conv1d` can stand in for conv(x): a CPU float32 depthwise
     convolution with stride 1, no dilation and "same" padding of an odd kernel, outside
-    export and compilation."""
+    autocast (its backward runs without it), export and compilation."""
     kernel = conv.kernel_size[0]
     return (
         x.device.type == "cpu"
@@ -67,6 +67,7 @@ def use_channels_last_conv(conv: nn.Conv1d, x: Tensor) -> bool:
         and kernel % 2 == 1
         and conv.padding == (kernel // 2,)
         and conv.bias is not None
+        and not torch.is_autocast_enabled("cpu")
         and not is_exporting()
     )
 
