@@ -17,7 +17,8 @@ import soundfile as sf
 import torch
 
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
-from tests.test_train import MODEL_DIR, _free_port, user_config, user_flags
+from tests.helpers import free_port
+from tests.test_train import MODEL_DIR, user_config, user_flags
 from zipvoice.bin.train_zipvoice import get_parser
 from zipvoice.dataset.synthetic import PseudoSpeaker, synthesize
 from zipvoice.eval.utils import EvalError
@@ -215,7 +216,7 @@ def test_under_ddp_rank_0_alone_evaluates(japanese_fbank_manifests, eval_files, 
         japanese_fbank_manifests,
         tmp_path,
         world_size=2,
-        master_port=_free_port(),
+        master_port=free_port(),
         num_iters=2,
         save_every_n=0,
         valid_interval=0,

@@ -278,11 +278,11 @@ def test_best_checkpoint_is_the_step_with_the_best_combined_score(
 
 
 def test_replay_and_distillation_under_two_process_ddp(japanese_fbank_manifests, tmp_path):
-    from tests.test_train import _free_port
+    from tests.helpers import free_port
 
     data = japanese_fbank_manifests
     config = user_config(
-        data, tmp_path, world_size=2, master_port=_free_port(), num_iters=2, save_every_n=0,
+        data, tmp_path, world_size=2, master_port=free_port(), num_iters=2, save_every_n=0,
         valid_interval=0, max_duration=8, kd_weight=1.0, replay_ratio=0.4,
         replay_manifest=str(data["dev_cuts"]),
     )  # fmt: skip

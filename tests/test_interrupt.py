@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO
 from tests.data_fixtures import *  # noqa: F403 - session fixtures
-from tests.test_train import _free_port, user_config, user_flags
+from tests.helpers import free_port
+from tests.test_train import user_config, user_flags
 from zipvoice.training.callbacks import Callback
 from zipvoice.training.interrupt import TrainingInterrupted
 from zipvoice.training.trainer import run_training
@@ -198,7 +199,7 @@ def test_ctrl_c_stops_both_ddp_ranks_at_one_step_and_the_run_resumes(
     japanese_fbank_manifests, tmp_path
 ):
     """The parent takes the signal and passes it on; both ranks stop after the same step."""
-    port = _free_port()
+    port = free_port()
     command = _command(japanese_fbank_manifests, tmp_path, workers=0) + [
         "--world-size", "2", "--master-port", str(port), "--max-duration", "3",
     ]  # fmt: skip
