@@ -19,10 +19,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-# Elements per fused chunk of ScaledAdam's update. Large tensors are cut into flat pieces of at
-# most this size, so a chunk's passes (parameter, gradient, two state tensors and the
-# denominator: ~2.5 MiB) run in cache and the denominator is one small reused buffer.
+# Elements per fused chunk of ScaledAdam's update on the CPU. Large tensors are cut into flat
+# pieces of at most this size, so a chunk's passes (parameter, gradient, two state tensors and
+# the denominator: ~5 MiB) run in cache and the denominator is one small reused buffer.
 _FOREACH_CHUNK_ELEMENTS = 1 << 18
+# On a GPU the cache argument does not hold and every chunk costs one kernel launch per op:
+# chunks of 64 MiB per stream, so a released-size model takes a few chunks, not hundreds.
+_FOREACH_CHUNK_ELEMENTS_GPU = 1 << 24
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return _FOREACH_CHUNK_ELEMENTS if device.type == "cpu" else _FOREACH_CHUNK_ELEMENTS_GPU
 
 
 def _chunks(pieces: list[tuple], max_elements: int) -> Iterable[list[tuple]]:
@@ -298,16 +305,17 @@ class ScaledAdam(Optimizer):
         alphas = (-group["lr"] * (1 - beta1) * root_correction * clip) * rms.clamp(
             min=group["param_min_rms"]
         )
+        chunk_elements = _chunk_elements(params[0].device)
         # One tuple per flat piece: (param, grad, delta, exp_avg_sq, scale_grads, alpha).
         pieces = []
         for p, state, alpha in zip(params, states, alphas.tolist(), strict=True):
             tensors = (p, p.grad, state["delta"], state["exp_avg_sq"])
-            views = [_flat_pieces(t, _FOREACH_CHUNK_ELEMENTS) for t in tensors]
+            views = [_flat_pieces(t, chunk_elements) for t in tensors]
             for piece in zip(*views, strict=True):
                 pieces.append((*piece, state["scale_grads"], alpha))
         total = sum(p.numel() for p in params)
-        buffer = params[0].new_empty(min(_FOREACH_CHUNK_ELEMENTS, total))
-        for chunk in _chunks(pieces, _FOREACH_CHUNK_ELEMENTS):
+        buffer = params[0].new_empty(min(chunk_elements, total))
+        for chunk in _chunks(pieces, chunk_elements):
             ps, grads, deltas, exp_avg_sq, scale_grads, chunk_alphas = (
                 list(column) for column in zip(*chunk, strict=True)
             )
