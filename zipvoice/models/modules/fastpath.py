@@ -41,16 +41,14 @@ def gated_depthwise_conv(
     torch.mul(x, gate, out=product.transpose(0, 1))
     if padding_mask is not None:
         product.masked_fill_(padding_mask.unsqueeze(-1), 0.0)
-    out = F.conv2d(
-        product.transpose(1, 2).unsqueeze(2),  # (B, C, 1, T), channels last
-        conv.weight.unsqueeze(2),
+    return _channels_last_conv(
+        product.transpose(1, 2),  # (B, C, T) view of (B, T, C) memory: no copy
+        conv.weight,
         conv.bias,
-        stride=(1, conv.stride[0]),
-        padding=(0, conv.padding[0]),
-        dilation=(1, conv.dilation[0]),
-        groups=conv.groups,
+        conv.padding[0],
+        stride=conv.stride[0],
+        dilation=conv.dilation[0],
     )
-    return out.squeeze(2)
 
 
 def use_channels_last_conv(conv: nn.Conv1d, x: Tensor) -> bool:
@@ -72,7 +70,14 @@ def use_channels_last_conv(conv: nn.Conv1d, x: Tensor) -> bool:
     )
 
 
-def _channels_last_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+def _channels_last_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: int,
+    stride: int = 1,
+    dilation: int = 1,
+) -> Tensor:
     """Depthwise conv1d of x (B, C, T) by weight (C, 1, K) as a channels-last conv2d.
 
     The input is given the canonical channels-last strides of (B, C, 1, T), copying only when
@@ -84,7 +89,15 @@ def _channels_last_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding:
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     size = frames * channels
     x = x.as_strided((batch, channels, 1, frames), (size, 1, size, channels))
-    out = F.conv2d(x, weight.unsqueeze(2), bias, padding=(0, padding), groups=weight.shape[0])
+    out = F.conv2d(
+        x,
+        weight.unsqueeze(2),
+        bias,
+        stride=(1, stride),
+        padding=(0, padding),
+        dilation=(1, dilation),
+        groups=weight.shape[0],
+    )
     return out.squeeze(2)
 
 
@@ -92,8 +105,9 @@ class _DepthwiseConv1d(torch.autograd.Function):
     """Depthwise conv1d whose forward and backward are all fast oneDNN calls.
 
     On the CPU oneDNN's depthwise convolution on (B, C, T) and its backward are several times
-    slower than the channels-last forward (measured here at 512 channels, kernel 31: 11 ms
-    against 1.1 ms for forward + backward at 200 frames, 49 against 11 ms at 1000 frames). So:
+    slower than the channels-last forward, whose own backward is slower still past ~300 frames.
+    Forward + backward here against Conv1d's, 512 channels, kernel 31: 1.6 ms against 7.0 ms
+    at 200 frames, 13 against 37 ms at 1000 (docs/benchmarks.md). So:
     forward channels-last; input gradient = the same convolution of the output gradient with the
     kernel reversed; weight gradient = one grouped convolution that slides the output gradient
     of each (batch, channel) over that row of the padded input, summed over the batch; bias
