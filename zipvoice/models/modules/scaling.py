@@ -472,12 +472,8 @@ class _BalancerFunction(torch.autograd.Function):
             with torch.no_grad(), torch.amp.autocast("cuda", enabled=False):
                 x = x.detach().float()
                 loss_grad = _balancer_loss_grad(
-                    x, channel_dim, min_mean, max_mean, min_rms, max_rms
+                    x, channel_dim, min_mean, max_mean, min_rms, max_rms, grad_scale
                 )
-                mean_dims = [i for i in range(x.ndim) if i != channel_dim]
-                loss_grad_rms = (loss_grad * loss_grad).mean(dim=mean_dims, keepdim=True)
-                loss_grad_rms = loss_grad_rms.sqrt().clamp(min=1.0e-20)
-                loss_grad.mul_(grad_scale / loss_grad_rms)
                 x_grad_float = x_grad.float()
                 # Scale by |x_grad| so the edit is proportionate to the real gradient there.
                 x_grad = torch.addcmul(x_grad_float, x_grad_float.abs(), loss_grad).to(x_grad.dtype)
@@ -487,11 +483,17 @@ class _BalancerFunction(torch.autograd.Function):
 
 
 def _balancer_loss_grad(
-    x: Tensor, channel_dim: int, min_mean: float, max_mean: float, min_rms: float, max_rms: float
+    x: Tensor,
+    channel_dim: int,
+    min_mean: float,
+    max_mean: float,
+    min_rms: float,
+    max_rms: float,
+    grad_scale: float,
 ) -> Tensor:
-    """d(loss)/dx of the Balancer's loss: per channel, |m - clamp(m)| with m = mean / stddev
-    (the sign balance, kept in [min_mean, max_mean]) plus |log(clamp(rms) / rms)| (the
-    magnitude, kept in [min_rms, max_rms]).
+    """d(loss)/dx of the Balancer's loss, scaled to rms grad_scale per channel. The loss: per
+    channel, |m - clamp(m)| with m = mean / stddev (the sign balance, kept in [min_mean,
+    max_mean]) plus |log(clamp(rms) / rms)| (the magnitude, kept in [min_rms, max_rms]).
 
     The loss depends on x only through each channel's mean and mean square q, so the gradient
     is a + b x per channel, one pass: a = dL/d(mean) / N, b = 2 dL/dq / N, with (s = stddev,
@@ -517,7 +519,9 @@ def _balancer_loss_grad(
     d_mean_square += (
         0.5 * sign_r * (mean_square > 1.0e-20).to(x.dtype) / mean_square.clamp(min=1.0e-20)
     )
-    return torch.addcmul(d_mean / size, d_mean_square, x, value=2.0 / size)
+    loss_grad = torch.addcmul(d_mean / size, d_mean_square, x, value=2.0 / size)
+    loss_grad_rms = (loss_grad * loss_grad).mean(dim=mean_dims, keepdim=True)
+    return loss_grad.mul_(grad_scale / loss_grad_rms.sqrt().clamp(min=1.0e-20))
 
 
 def _proportion_positive_to_mean(p: float) -> float:
