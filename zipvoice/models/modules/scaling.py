@@ -504,7 +504,7 @@ def _balancer_loss_grad(
     mean_dims = [i for i in range(x.ndim) if i != channel_dim]
     size = x.numel() // x.shape[channel_dim]
     mean = x.mean(dim=mean_dims, keepdim=True)
-    # (x * x).mean: linalg.vector_norm over leading dims is not vectorised (~20x slower).
+    # (x * x).mean: linalg.vector_norm over leading dims is not vectorised (~13x slower).
     mean_square = (x * x).mean(dim=mean_dims, keepdim=True)
     variance = mean_square - mean * mean
     stddev = variance.clamp(min=1.0e-20).sqrt()
