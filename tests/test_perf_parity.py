@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from zipvoice.models.modules import scaling, zipformer
+from zipvoice.models.modules.fastpath import OneDnnLinears, onednn_linear_available
 from zipvoice.models.modules.scaling import ActivationDropoutAndLinear
 from zipvoice.models.modules.zipformer import RelPositionMultiheadAttentionWeights, TTSZipformer
 
@@ -303,3 +304,77 @@ def test_channels_last_depthwise_conv_training_equals_conv1d(kernel, batch, perm
         torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     strided = torch.nn.Conv1d(24, 24, kernel, groups=24, padding=kernel // 2, stride=2)
     assert not use_channels_last_conv(strided, x)
+
+
+onednn = pytest.mark.skipif(
+    not onednn_linear_available(), reason="this torch build has no oneDNN linear operator"
+)
+
+
+def _linear_ops_run(fn) -> set[str]:
+    """The names of the linear operators that fn() dispatched."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    names = {event.key for event in profile.key_averages()}
+    return {name for name in names if "linear" in name or name in ("aten::addmm", "aten::mm")}
+
+
+@onednn
+def test_onednn_linears_route_inference_products_and_match_the_decoder():
+    """Within the mode the decoder's products run on oneDNN (profiled), and its output stays
+    within 1e-4 of MKL's."""
+    torch.manual_seed(0)
+    decoder = TTSZipformer(
+        in_dim=30,
+        out_dim=10,
+        downsampling_factor=(1, 2, 1),
+        num_encoder_layers=(1, 1, 1),
+        cnn_module_kernel=(7, 5, 7),
+        encoder_dim=64,
+        query_head_dim=8,
+        value_head_dim=4,
+        num_heads=4,
+        feedforward_dim=96,
+        pos_dim=16,
+        time_embed_dim=32,
+    ).eval()
+    x, t = torch.randn(2, 80, 30), torch.tensor([0.3, 0.8])
+    with torch.inference_mode():
+        reference = decoder(x, t=t)
+        with OneDnnLinears():
+            ops = _linear_ops_run(lambda: decoder(x, t=t))
+            fast = decoder(x, t=t)
+    assert "mkldnn::_linear_pointwise" in ops
+    torch.testing.assert_close(fast, reference, atol=ATOL, rtol=0)
+
+
+@onednn
+def test_onednn_linears_leave_what_they_cannot_run_to_f_linear():
+    """Autograd, float64, autocast and products of a few rows keep F.linear's own path."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 24)
+    x = torch.randn(64, 48)
+    with OneDnnLinears():
+        graph_ops = _linear_ops_run(lambda: layer(x).sum().backward())
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            assert "mkldnn::_linear_pointwise" in _linear_ops_run(lambda: layer(x))
+            few_rows = _linear_ops_run(lambda: layer(x[:4]))
+            double = layer.double()(x.double())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                autocast_out = layer.float()(x)
+    assert "mkldnn::_linear_pointwise" not in graph_ops | few_rows
+    assert double.dtype == torch.float64
+    assert autocast_out.dtype == torch.bfloat16
+
+
+@onednn
+def test_fast_linears_stay_off_for_compiled_and_non_cpu_modules():
+    import contextlib
+
+    from zipvoice.inference.torch_backend import fast_linears
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert isinstance(fast_linears(module, "cpu"), OneDnnLinears)
+    assert isinstance(fast_linears(module, "cuda"), contextlib.nullcontext)
+    module[0].compile()  # marks the module; nothing is compiled until it is called
+    assert isinstance(fast_linears(module, "cpu"), contextlib.nullcontext)

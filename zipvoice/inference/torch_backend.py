@@ -3,6 +3,7 @@ the sample/vocode functions the generation pipeline calls."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from zipvoice.inference.generation import SampleFn, VocodeFn
+from zipvoice.models.modules.fastpath import OneDnnLinears, onednn_linear_available
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,17 @@ def compile_decoder(model: nn.Module) -> nn.Module:
     return model
 
 
+def fast_linears(
+    module: nn.Module, device: torch.device | str
+) -> contextlib.AbstractContextManager:
+    """`OneDnnLinears` for a CPU module that is not compiled (inductor chooses its own
+    kernels, and traces Python modes poorly), else nothing."""
+    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+    if torch.device(device).type == "cpu" and not compiled and onednn_linear_available():
+        return OneDnnLinears()
+    return contextlib.nullcontext()
+
+
 def torch_sampler(
     model: nn.Module,
     num_step: int,
@@ -132,17 +145,18 @@ def torch_sampler(
         n = len(batch)
         features = torch.from_numpy(prompt_features).to(device).unsqueeze(0).repeat(n, 1, 1)
         lens = torch.full((n,), features.size(1), dtype=torch.int64, device=device)
-        pred, pred_lens, _, _ = model.sample(
-            tokens=batch,
-            prompt_tokens=[list(prompt_ids)] * n,
-            prompt_features=features,
-            prompt_features_lens=lens,
-            speed=speed,
-            t_shift=t_shift,
-            duration="predict",
-            num_step=num_step,
-            guidance_scale=guidance_scale,
-        )
+        with fast_linears(model, device):
+            pred, pred_lens, _, _ = model.sample(
+                tokens=batch,
+                prompt_tokens=[list(prompt_ids)] * n,
+                prompt_features=features,
+                prompt_features_lens=lens,
+                speed=speed,
+                t_shift=t_shift,
+                duration="predict",
+                num_step=num_step,
+                guidance_scale=guidance_scale,
+            )
         return [pred[i, : int(pred_lens[i])].T.float().cpu().numpy() for i in range(n)]
 
     return sample
@@ -151,7 +165,8 @@ def torch_sampler(
 def torch_vocoder(vocoder: nn.Module, device: torch.device | str = "cpu") -> VocodeFn:
     @torch.inference_mode()
     def vocode(mel: np.ndarray) -> np.ndarray:
-        wave = vocoder.decode(torch.from_numpy(np.ascontiguousarray(mel)).to(device)[None])
+        with fast_linears(vocoder, device):
+            wave = vocoder.decode(torch.from_numpy(np.ascontiguousarray(mel)).to(device)[None])
         return wave[0].float().cpu().numpy()
 
     return vocode
