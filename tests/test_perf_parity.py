@@ -128,7 +128,7 @@ def test_decoder_inference_path_matches_the_autograd_path():
         torch.testing.assert_close(fast, reference, atol=ATOL, rtol=0)
 
 
-def _scaled_adam_run(foreach: bool) -> list[torch.Tensor]:
+def _scaled_adam_run(foreach: bool, compiled: bool | None = False) -> list[torch.Tensor]:
     """Twelve ScaledAdam steps on mixed shapes and dtypes (matrices, vectors, scalars, a
     float64 matrix, a tensor whose gradient is missing on some steps), with gradient clipping
     active on two of them."""
@@ -141,7 +141,7 @@ def _scaled_adam_run(foreach: bool) -> list[torch.Tensor]:
         for i, shape in enumerate(shapes)
     ]
     params[7].data = params[7].data.double()  # a float64 tensor among float32 ones
-    optimizer = ScaledAdam(params, lr=0.02, clipping_scale=2.0, foreach=foreach)
+    optimizer = ScaledAdam(params, lr=0.02, clipping_scale=2.0, foreach=foreach, compiled=compiled)
     generator = torch.Generator().manual_seed(1)
     for step in range(12):
         scale = 1e-2 if step in (5, 9) else 1e-3  # large gradients: clipped
@@ -170,6 +170,35 @@ def test_fused_scaled_adam_equals_the_per_tensor_loop(chunk_elements, monkeypatc
     torch.manual_seed(0)
     moved = torch.randn(64, 32) * 2.0
     assert (fused[0] - moved).abs().max() > 1e-3  # the steps did move the weights
+
+
+def test_compiled_scaled_adam_equals_the_per_tensor_loop(monkeypatch):
+    """The compiled update (inductor) of large tensors, here those of 1000 elements or more
+    (the (64, 32) and (300, 40) matrices; the others take the foreach ops in the same step),
+    against the plain loop; and it is on by default only for large groups on the CPU."""
+    import zipvoice.utils.optim as optim
+
+    monkeypatch.setattr(optim, "_COMPILED_MIN_TENSOR", 1000)
+    kernel = optim._compiled_tensor_update("cpu")
+    assert kernel is not None, "inductor could not build the update on this machine"
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].numel())
+        return kernel(*args)
+
+    monkeypatch.setattr(optim, "_compiled_tensor_update", lambda device_type: counted)
+    compiled, loop = _scaled_adam_run(True, compiled=True), _scaled_adam_run(False)
+    assert sorted(set(calls)) == [2048, 12000] and len(calls) == 24
+    for a, b in zip(compiled, loop, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+
+    params = [torch.nn.Parameter(torch.zeros(4000))]
+    default = optim.ScaledAdam(params)
+    assert default._compiled_update(params) is None  # 4000 elements: not worth compiling
+    monkeypatch.setattr(optim, "_COMPILED_MIN_ELEMENTS", 4000)
+    assert default._compiled_update(params) is counted
+    assert optim.ScaledAdam(params, compiled=False)._compiled_update(params) is None
 
 
 @pytest.mark.parametrize("kernel", [31, 7])
@@ -373,6 +402,7 @@ def test_fast_linears_stay_off_for_compiled_and_non_cpu_modules():
     import contextlib
 
     from zipvoice.inference.torch_backend import fast_linears
+
     module = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert isinstance(fast_linears(module, "cpu"), OneDnnLinears)
     assert isinstance(fast_linears(module, "cuda"), contextlib.nullcontext)

@@ -12,8 +12,10 @@ Schedulers share one small interface, `step_batch(batch)` / `step_epoch(epoch)` 
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -26,6 +28,67 @@ _FOREACH_CHUNK_ELEMENTS = 1 << 18
 # On a GPU the cache argument does not hold and every chunk costs one kernel launch per op:
 # chunks of 64 MiB per stream, so a released-size model takes a few chunks, not hundreds.
 _FOREACH_CHUNK_ELEMENTS_GPU = 1 << 24
+
+
+# Compiled update (compiled=None: on the CPU for groups of at least _COMPILED_MIN_ELEMENTS):
+# each tensor of at least _COMPILED_MIN_TENSOR elements is updated by one inductor-generated loop
+# that reads and writes every element of the parameter, gradient and both state tensors once
+# (measured on 123 M parameters, 1 thread: 0.14 s against 0.30-0.35 s for the foreach ops,
+# which pass over each chunk about ten times). Its compilation takes ~7 s once per process,
+# which only a large model repays; smaller tensors stay with the foreach ops.
+_COMPILED_MIN_ELEMENTS = 1 << 24
+_COMPILED_MIN_TENSOR = 1 << 14
+
+logger = logging.getLogger(__name__)
+
+
+def _tensor_update(
+    p: Tensor,
+    grad: Tensor,
+    delta: Tensor,
+    exp_avg_sq: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    grad_sq_scale: Tensor,
+    eps: Tensor,
+    alpha: Tensor,
+) -> Tensor:
+    """The foreach ops' update of one flat tensor in one expression (the scalars are 0-d
+    tensors, so that a new learning rate does not recompile); returns sum(p * grad) from
+    before the update."""
+    dot = torch.dot(p, grad)
+    new_exp_avg_sq = exp_avg_sq * beta2 + grad_sq_scale * (grad * grad)
+    new_delta = delta * beta1 + alpha * (grad / (new_exp_avg_sq.sqrt() + eps))
+    exp_avg_sq.copy_(new_exp_avg_sq)
+    delta.copy_(new_delta)
+    p.add_(new_delta)
+    return dot
+
+
+@functools.cache
+def _compiled_tensor_update(device_type: str) -> Callable[..., Tensor] | None:
+    """`_tensor_update` compiled by inductor and tried once on small tensors; None (with a
+    warning) where it cannot be built, e.g. without a C++ compiler."""
+    kernel = torch.compile(_tensor_update, dynamic=True, fullgraph=True)
+    try:
+        tensors = [torch.ones(_COMPILED_MIN_TENSOR, device=device_type) for _ in range(4)]
+        kernel(*tensors, *_scalars([1.0] * 5, tensors[0]))
+    except Exception as error:  # inductor's failures have no common base class
+        logger.warning("ScaledAdam: compiled update unavailable (%s); using foreach ops", error)
+        return None
+    return kernel
+
+
+def _scalars(values: Iterable[float], like: Tensor) -> list[Tensor]:
+    """0-d tensors of like's dtype and device (separate ones: views would add guards)."""
+    return [torch.tensor(v, dtype=like.dtype, device=like.device) for v in values]
+
+
+def _flat_alias(tensor: Tensor) -> Tensor:
+    """A 1-D tensor on a contiguous tensor's memory that is not a view of it: a view would
+    make the compiled update guard on (and recompile for) each shape of its base."""
+    flat = tensor.detach().new_empty(0)
+    return flat.set_(tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,))
 
 
 def _chunk_elements(device: torch.device) -> int:
@@ -78,6 +141,7 @@ class ScaledAdam(Optimizer):
         size_update_period: int = 4,
         clipping_update_period: int = 100,
         foreach: bool = True,
+        compiled: bool | None = None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
@@ -102,6 +166,9 @@ class ScaledAdam(Optimizer):
         self._num_steps = 0
         # foreach=False is the plain per-tensor loop the fused path is tested against.
         self.foreach = foreach
+        # compiled: large tensors' update as one compiled loop (None: on the CPU, for large
+        # groups; see _COMPILED_MIN_ELEMENTS).
+        self.compiled = compiled
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -282,8 +349,9 @@ class ScaledAdam(Optimizer):
     def _step_tensors(self, group: dict, params: list[Tensor], clip: float) -> None:
         """`_step_tensor` for tensors at the same step, with torch._foreach_* ops over chunks
         of flat pieces (see _FOREACH_CHUNK_ELEMENTS): every element is read from memory about
-        once per step and nothing of a tensor's size is allocated. The gradient is never
-        scaled in place: the clipping factor goes into the ops' scalars, and the bias
+        once per step and nothing of a tensor's size is allocated; or, for large tensors where
+        `compiled` holds, with one compiled loop per tensor (`_tensor_update`). The gradient is
+        never scaled in place: the clipping factor goes into the ops' scalars, and the bias
         correction into the step size, sqrt(e / c) + eps = (sqrt(e) + eps sqrt(c)) / sqrt(c)."""
         beta1, beta2 = group["betas"]
         period = group["size_update_period"]
@@ -305,15 +373,28 @@ class ScaledAdam(Optimizer):
         alphas = (-group["lr"] * (1 - beta1) * root_correction * clip) * rms.clamp(
             min=group["param_min_rms"]
         )
+        kernel = self._compiled_update(params)
+        if kernel is not None:
+            scalars = _scalars(
+                (beta1, beta2, (1 - beta2) * clip * clip, group["eps"] * root_correction),
+                params[0],
+            )
         chunk_elements = _chunk_elements(params[0].device)
         # One tuple per flat piece: (param, grad, delta, exp_avg_sq, scale_grads, alpha).
         pieces = []
         for p, state, alpha in zip(params, states, alphas.tolist(), strict=True):
             tensors = (p, p.grad, state["delta"], state["exp_avg_sq"])
+            if kernel is not None and p.numel() >= _COMPILED_MIN_TENSOR:
+                dot = kernel(*(_flat_alias(t) for t in tensors), *scalars, *_scalars([alpha], p))
+                if not updates_size:
+                    state["scale_grads"][slot].add_(dot, alpha=clip)
+                continue
             views = [_flat_pieces(t, chunk_elements) for t in tensors]
             for piece in zip(*views, strict=True):
                 pieces.append((*piece, state["scale_grads"], alpha))
-        total = sum(p.numel() for p in params)
+        if not pieces:
+            return
+        total = sum(piece[0].numel() for piece in pieces)
         buffer = params[0].new_empty(min(chunk_elements, total))
         for chunk in _chunks(pieces, chunk_elements):
             ps, grads, deltas, exp_avg_sq, scale_grads, chunk_alphas = (
@@ -332,6 +413,15 @@ class ScaledAdam(Optimizer):
             torch._foreach_mul_(deltas, beta1)
             torch._foreach_addcdiv_(deltas, grads, denom, chunk_alphas)
             torch._foreach_add_(ps, deltas)
+
+    def _compiled_update(self, params: list[Tensor]) -> Callable[..., Tensor] | None:
+        """The compiled update for these tensors, if they take it (see `compiled`)."""
+        device = params[0].device
+        wanted = self.compiled
+        if wanted is None:
+            total = sum(p.numel() for p in params)
+            wanted = device.type == "cpu" and total >= _COMPILED_MIN_ELEMENTS
+        return _compiled_tensor_update(device.type) if wanted else None
 
     def _step_scalar(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
         beta1 = group["betas"][0]
