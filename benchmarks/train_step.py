@@ -191,6 +191,15 @@ def trainer_step(
     return step, optimizer_kind
 
 
+def trainer_keeps_freed_memory() -> bool:
+    """Whether this revision's trainer keeps freed memory for reuse before training (later
+    revisions than e2c5dcb; older ones, some with the allocator module, ran without it)."""
+    import zipvoice
+
+    trainer = Path(zipvoice.__file__).parent / "training" / "trainer.py"
+    return trainer.is_file() and "keep_freed_memory()" in trainer.read_text()
+
+
 def worker(cli: argparse.Namespace) -> None:
     """One method in this process: set up as the trainer does, run steps, report."""
     check_code_root(cli.code_root)
@@ -199,6 +208,8 @@ def worker(cli: argparse.Namespace) -> None:
     device = resolve_device(cli.device)
     if cli.threads:
         torch.set_num_threads(cli.threads)
+    if trainer_keeps_freed_memory():
+        library("keep_freed_memory")()
     torch.manual_seed(0)
     random.seed(0)  # layer skipping and the shapers draw from Python's generator
     config, _ = released_model_config(cli.model_config)
