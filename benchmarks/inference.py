@@ -378,6 +378,7 @@ def main() -> None:
             methods = [m for m in methods if not m.startswith("onnx")]
             forwarded.append("--profile")
         results = run_all(cli, methods, forwarded, revisions, Path(tmp))
+        int8_losses = quantisation_losses(results)  # while the saved outputs exist
     if cli.profile:
         print(f"{config_source}; {cli.prompt_seconds:g} s prompt + {cli.output_seconds:g} s")
         print_profiles(results)
@@ -398,6 +399,34 @@ def main() -> None:
     for revision, seconds in results[0]["export_seconds"].items():
         print(f"ONNX export (fp32 + int8, {revision}) took {seconds:.1f} s, not in the table")
     print_table(results, cli.baseline)
+    for revision, (mean_diff, mean_level, max_diff) in int8_losses.items():
+        print(
+            f"onnx-int8 against onnx-fp32 ({revision}, the same initial noise): mean |mel "
+            f"difference| {mean_diff:.4f} against a mean |mel| of {mean_level:.4f} "
+            f"({100 * mean_diff / mean_level:.2f} %), largest {max_diff:.3f}"
+        )
+
+
+def quantisation_losses(results: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """Per revision with both ONNX rows: what int8 quantisation changes in the features,
+    (mean |int8 - fp32|, mean |fp32|, max |int8 - fp32|). Both ONNX rows draw their noise
+    from the same seeded generator, so the difference is the quantisation's alone."""
+    by_key = {(r["method"], r["revision"]): r for r in results}
+    losses = {}
+    for (method, revision), result in by_key.items():
+        fp32 = by_key.get(("onnx-fp32", revision))
+        if method != "onnx-int8" or fp32 is None:
+            continue
+        int8_mel, fp32_mel = np.load(result["output"]), np.load(fp32["output"])
+        if int8_mel.shape != fp32_mel.shape:
+            continue
+        difference = np.abs(int8_mel.astype(np.float64) - fp32_mel)
+        losses[revision] = (
+            float(difference.mean()),
+            float(np.abs(fp32_mel).mean()),
+            float(difference.max()),
+        )
+    return losses
 
 
 def run_all(
