@@ -77,7 +77,17 @@ def build_base(cli: argparse.Namespace, distill: bool = False) -> torch.nn.Modul
 
     config, _ = released_model_config(cli.model_config)
     torch.manual_seed(0)
-    return build_model(config, cli.vocab_size, PAD_ID, distill=distill).eval()
+    model = build_model(config, cli.vocab_size, PAD_ID, distill=distill).eval()
+    # The constructor deep-copies one layer per stack, so a fresh model's layers hold equal
+    # weights; the ONNX exporter then shares them (Identity nodes), and int8 quantisation,
+    # which takes only MatMuls with their own constant weight, skipped two thirds of them.
+    # A released checkpoint's layers differ: so do these (each tensor moved by 10 % of its
+    # spread, the scale kept).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn_like(p), alpha=0.1 * float(p.std()))
+    return model
 
 
 def build_variant(method: str, cli: argparse.Namespace) -> torch.nn.Module:
