@@ -100,11 +100,10 @@ def test_activation_linear_gradients_match_plain_autograd(frozen, activation):
         assert module.weight.grad is None and module.bias.grad is None
 
 
-def test_decoder_inference_path_matches_the_autograd_path():
-    """The whole decoder: eval forward under inference_mode (blocked attention, two-pass
-    Swoosh, mask skipping) against the same forward with autograd recording."""
+def _small_decoder() -> TTSZipformer:
+    """A three-stack decoder (one downsampled) in eval mode, seeded."""
     torch.manual_seed(0)
-    decoder = TTSZipformer(
+    return TTSZipformer(
         in_dim=30,
         out_dim=10,
         downsampling_factor=(1, 2, 1),
@@ -118,6 +117,12 @@ def test_decoder_inference_path_matches_the_autograd_path():
         pos_dim=16,
         time_embed_dim=32,
     ).eval()
+
+
+def test_decoder_inference_path_matches_the_autograd_path():
+    """The whole decoder: eval forward under inference_mode (blocked attention, two-pass
+    Swoosh, mask skipping) against the same forward with autograd recording."""
+    decoder = _small_decoder()
     x, t = torch.randn(2, 45, 30), torch.tensor([0.3, 0.8])
     padded = torch.arange(45)[None, :] >= torch.tensor([45, 31])[:, None]
     for mask in (padded, torch.zeros_like(padded)):
@@ -352,21 +357,7 @@ def _linear_ops_run(fn) -> set[str]:
 def test_onednn_linears_route_inference_products_and_match_the_decoder():
     """Within the mode the decoder's products run on oneDNN (profiled), and its output stays
     within 1e-4 of MKL's."""
-    torch.manual_seed(0)
-    decoder = TTSZipformer(
-        in_dim=30,
-        out_dim=10,
-        downsampling_factor=(1, 2, 1),
-        num_encoder_layers=(1, 1, 1),
-        cnn_module_kernel=(7, 5, 7),
-        encoder_dim=64,
-        query_head_dim=8,
-        value_head_dim=4,
-        num_heads=4,
-        feedforward_dim=96,
-        pos_dim=16,
-        time_embed_dim=32,
-    ).eval()
+    decoder = _small_decoder()
     x, t = torch.randn(2, 80, 30), torch.tensor([0.3, 0.8])
     with torch.inference_mode():
         reference = decoder(x, t=t)
