@@ -392,10 +392,26 @@ class ScaledAdam(Optimizer):
             views = [_flat_pieces(t, chunk_elements) for t in tensors]
             for piece in zip(*views, strict=True):
                 pieces.append((*piece, state["scale_grads"], alpha))
-        if not pieces:
-            return
+        if pieces:
+            self._foreach_update(group, pieces, chunk_elements, slot, clip, root_correction)
+
+    @staticmethod
+    def _foreach_update(
+        group: dict,
+        pieces: list[tuple],
+        chunk_elements: int,
+        slot: int,
+        clip: float,
+        root_correction: float,
+    ) -> None:
+        """The update of flat pieces, (param, grad, delta, exp_avg_sq, scale_grads, alpha)
+        each, by torch._foreach_* ops over chunks of about chunk_elements, the denominator in
+        one reused buffer. Adds each piece's sum(p * grad) into its scale_grads[slot] unless
+        this step updates the sizes (which took the whole sums beforehand)."""
+        beta1, beta2 = group["betas"]
+        updates_size = slot == group["size_update_period"] - 1
         total = sum(piece[0].numel() for piece in pieces)
-        buffer = params[0].new_empty(min(chunk_elements, total))
+        buffer = pieces[0][0].new_empty(min(chunk_elements, total))
         for chunk in _chunks(pieces, chunk_elements):
             ps, grads, deltas, exp_avg_sq, scale_grads, chunk_alphas = (
                 list(column) for column in zip(*chunk, strict=True)
