@@ -33,7 +33,11 @@ def build_optimizer(
     lr = config.base_lr
     if kind == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=(0.9, 0.999), weight_decay=optim.weight_decay
+            params,
+            lr=lr,
+            betas=(0.9, 0.999),
+            weight_decay=optim.weight_decay,
+            fused=fused_adamw_supported(params),
         )
         num_iters = config.run.num_iters
         total = num_iters if (num_iters > 0 and optim.lr_schedule == "cosine") else 0
@@ -46,6 +50,14 @@ def build_optimizer(
     else:
         raise ValueError(f"unknown optimizer {kind!r}")
     return optimizer, scheduler, kind
+
+
+def fused_adamw_supported(params: list[nn.Parameter]) -> bool:
+    """AdamW's fused kernel (one pass over every tensor) where torch has it: floating-point
+    parameters on the CPU or CUDA. On the CPU torch would otherwise pick its per-tensor loop,
+    about ten small ops per tensor; for the few hundred adapter tensors of a LoRA run that took
+    36 ms a step against 10 ms fused. The result differs from the loop by float rounding only."""
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def scaledadam_schedule(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> LRScheduler:
