@@ -167,8 +167,16 @@ def test_prepare_tokens_and_compute_fbank_bad_inputs(japanese_fbank_manifests, t
     CutSet.from_cuts([first, *list(cuts)[1:]]).to_file(bad_input)
     text = exit_message(
         lambda: prepare_tokens.main(
-            ["--input-file", str(bad_input), "--output-file", str(out), "--num-jobs", "1",
-             "--tokenizer", "japanese"]  # fmt: skip
+            [
+                "--input-file",
+                str(bad_input),
+                "--output-file",
+                str(out),
+                "--num-jobs",
+                "1",
+                "--tokenizer",
+                "japanese",
+            ]  # fmt: skip
         ),
         capsys,
     )

@@ -90,4 +90,3 @@ def test_a_damaged_feature_file_during_training_names_the_cut_and_the_file(
     msg = _one_line(train_fails(argv, caplog))
     assert f"cut {cut_id} (manifest {manifest})" in msg and str(own) in msg
     assert "cannot be read" in msg
-

@@ -67,6 +67,7 @@ def test_pseudo_speakers_are_distinct_voices_by_resemblyzer(tmp_path):
         for i, feat in enumerate(features):
             wave = resample(ps.resynthesise(feat, spk), 24000, 16000)
             emb[spk.name, i] = encoder.embed(np.asarray(wave, dtype=np.float32))
+
     def sim(a: str, b: str) -> float:  # sentence 0 of a against sentence 1 of b
         return float(emb[a, 0] @ emb[b, 1])
 

@@ -221,7 +221,9 @@ def render_corpus(plan: Plan, out_dir: Path, jobs: int) -> dict[str, list[str]]:
 
 
 def write_eval_lists(
-    out_dir: Path, by_split: dict[str, list[str]], groups: dict[str, list[PseudoSpeaker]],
+    out_dir: Path,
+    by_split: dict[str, list[str]],
+    groups: dict[str, list[PseudoSpeaker]],
     en_lines: int,
 ) -> dict[str, Path]:
     """`eval_ja.tsv`, the users' case (held-out JA prompt -> unseen JA text; the same speaker's

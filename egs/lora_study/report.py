@@ -98,6 +98,7 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
 def dominance(rows: Sequence[dict[str, Any]], method: str, others: Sequence[str]) -> dict:
     """How many of the other methods' frontier points some point of `method` dominates:
     `method` dominates `other` when the answer is all of them."""
+
     def front(name: str) -> list[tuple[float, float]]:
         pts = [(r[X], r[Y]) for r in rows if r["method"] == name and r["step"] > 0]
         return [pts[i] for i in pareto(pts)]
@@ -188,7 +189,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], base: dict[str, float],
     panels = ((axes[0], X, "held-out JA speakers: SIM to the prompt"),
               (axes[1], "en_sim", "held-out EN speakers: SIM (forgetting)"))  # fmt: skip
     for ax, xkey, title in panels:
-        for (method, lr) in sorted({(r["method"], r["lr"]) for r in main}):
+        for method, lr in sorted({(r["method"], r["lr"]) for r in main}):
             pts = sorted((r for r in main if r["method"] == method and r["lr"] == lr),
                          key=lambda r: r["step"])  # fmt: skip
             xs, ys = [p[xkey] for p in pts], [p[Y] for p in pts]

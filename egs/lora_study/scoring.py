@@ -159,8 +159,15 @@ def ceiling(eval_list: Path, refs: Path, out_dir: Path, prefix: str) -> dict[str
 
 
 def score_posthoc(
-    base_dir: Path, adapter_dir: Path, out_dir: Path, lists: Mapping[str, Path], step: int,
-    num_step: int, seed: int, lora_scale: float, lora_t_range: tuple[float, float] | None,
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    lists: Mapping[str, Path],
+    step: int,
+    num_step: int,
+    seed: int,
+    lora_scale: float,
+    lora_t_range: tuple[float, float] | None,
 ) -> dict[int, dict[str, float]]:
     """A trained adapter at inference with a scale or a time gate, scored on both lists as
     the training-time hook scores it (same noise seeds, same metrics)."""

@@ -130,8 +130,11 @@ def prepare_data(layout: Layout, device: str) -> None:
     layout.data.mkdir(parents=True)
     write_json(layout.model_json, model_config(device))
     en_texts = layout.data / "en_texts.txt"
-    texts = [line.split("\t")[1] for key in ("en_train", "en_heldout")
-             for line in Path(corpus["tsv"][key]).read_text(encoding="utf-8").splitlines()]
+    texts = [
+        line.split("\t")[1]
+        for key in ("en_train", "en_heldout")
+        for line in Path(corpus["tsv"][key]).read_text(encoding="utf-8").splitlines()
+    ]
     write_text_atomically(en_texts, "".join(t + "\n" for t in texts))
     prepare_token_file(EN_TOKENIZER, layout.tokens_en, text_file=en_texts)
     prepare_token_file("japanese", layout.tokens_en_ja, base_token_file=layout.tokens_en)
@@ -280,7 +283,8 @@ def write_report(layout: Layout, results: list[dict[str, Any]], meta: dict[str, 
                    f"{s['en_sim_mean']:.3f} ± {s['en_sim_sd']:.3f}"]
                   for s in summary["spread"]]  # fmt: skip
         text += "\n## Seed spread (mean ± sd)\n\n" + markdown(
-            ["method", "lr", "step", "seeds", "accent", "JA SIM", "EN SIM"], spread)
+            ["method", "lr", "step", "seeds", "accent", "JA SIM", "EN SIM"], spread
+        )
     write_text_atomically(out / "table.md", text)
     plot(out / "lora-study.png", rows, base, ceil, SEED)
     if plot_out is not None:
@@ -297,14 +301,26 @@ STAGES = ("corpus", "data", "pretrain", "ceilings", "adapt", "report")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", type=Path, default=HERE / "work",
-                        help="where corpus, data, runs and results go")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=HERE / "work",
+        help="where corpus, data, runs and results go",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test budget")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: a larger corpus, model and budget (the trainer uses the GPU)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: a larger corpus, model and budget (the trainer uses the GPU)",
+    )
     parser.add_argument("--methods", default="all", help="comma-separated subset of methods")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="adaptation runs in parallel (worker processes, 1 thread each)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="adaptation runs in parallel (worker processes, 1 thread each)",
+    )
     parser.add_argument("--force", action="store_true", help="redo finished adaptation runs")
     parser.add_argument("--plot-out", type=Path, default=None, help="also write the plot here")
     parser.add_argument("--stop-after", choices=STAGES, default="report", help="last stage to run")

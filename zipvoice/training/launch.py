@@ -45,9 +45,7 @@ def fit(trainer: Trainer) -> nn.Module | None:
         return trainer.fit_rank(0, 1)
 
 
-def fit_launched(
-    trainer: Trainer, rank: int, local_rank: int, world_size: int
-) -> nn.Module | None:
+def fit_launched(trainer: Trainer, rank: int, local_rank: int, world_size: int) -> nn.Module | None:
     """One rank of a launcher's (torchrun's) job: rank 0 holds the exp-dir lock and writes;
     --world-size is the launcher's WORLD_SIZE, not a number of processes to spawn."""
     from zipvoice.utils.lock import FolderLock

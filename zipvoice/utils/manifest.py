@@ -177,7 +177,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
         isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
         for v in files.values()
     ):
-        raise ManifestError(f"{path}: \"files\" must map names to {{size, sha256}}")
+        raise ManifestError(f'{path}: "files" must map names to {{size, sha256}}')
     return manifest
 
 
