@@ -180,8 +180,8 @@ def test_adamw_runs_fused_on_the_cpu_and_steps_like_the_per_tensor_loop(
     twin = tiny_model()
     twin.load_state_dict(model.state_dict())
     fused, _, kind = build_optimizer(model, config)
-    assert kind == "adamw" and fused.param_groups[0]["fused"] is True
     group = fused.param_groups[0]
+    assert kind == "adamw" and group["fused"] is True
     params = [p for p in model.parameters() if p.requires_grad]
     twin_params = [p for p in twin.parameters() if p.requires_grad]
     loop = torch.optim.AdamW(
