@@ -258,14 +258,17 @@ def _autograd_whitening_metric(x: torch.Tensor, num_groups: int) -> torch.Tensor
 
 
 @pytest.mark.parametrize("num_groups", [1, 4])
-def test_written_out_whitening_gradient_equals_autograd(num_groups):
-    """Whiten's backward computes the metric's gradient by hand (one product fewer): it must
-    equal autograd's through the plain formula, and be skipped below the limit."""
+@pytest.mark.parametrize("frames", [50, 3], ids=["covariance", "gram"])
+def test_written_out_whitening_gradient_equals_autograd(num_groups, frames):
+    """Whiten's backward computes the metric's gradient by hand (one product fewer), from the
+    covariance or, with fewer frames than channels per group (2 x 3 = 6 against 8 or 32), from
+    the frames' Gram matrix: either must equal autograd's through the plain formula, and be
+    skipped below the limit."""
     from zipvoice.models.modules.scaling import _whitening_penalty
 
     torch.manual_seed(0)
     mixing = torch.randn(32, 32) + 3 * torch.eye(32)  # correlated channels: far from white
-    x = (torch.randn(50, 2, 32) @ mixing + 0.5).requires_grad_(True)
+    x = (torch.randn(frames, 2, 32) @ mixing + 0.5).requires_grad_(True)
     reference = _autograd_whitening_metric(x, num_groups)
     reference.backward()
     metric, grad = _whitening_penalty(x.detach(), num_groups, limit=1.0)

@@ -317,7 +317,9 @@ class ScaledAdam(Optimizer):
         period = group["size_update_period"]
         step = state["step"]
         param_rms = state["param_rms"]
-        param_rms.copy_((p**2).mean().sqrt().clamp(min=group["param_min_rms"]))
+        # rms as norm / sqrt(n): one read of p, where (p**2).mean() writes and reads a copy.
+        rms = torch.linalg.vector_norm(p) / math.sqrt(p.numel())
+        param_rms.copy_(rms.clamp(min=group["param_min_rms"]))
         if step == 0:
             return
         scale_grads = state["scale_grads"]
@@ -330,7 +332,7 @@ class ScaledAdam(Optimizer):
         too_large = param_rms >= group["param_max_rms"]
         # Past the maximum size, always shrink by a fixed small amount.
         scale_step = torch.where(too_large, torch.full_like(scale_step, -lr * 0.1), scale_step)
-        state["delta"].add_(p * scale_step, alpha=1 - beta1)
+        state["delta"].addcmul_(p, scale_step, value=1 - beta1)  # no p-sized temporary
 
     def _step_tensor(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
         beta1 = group["betas"][0]

@@ -600,21 +600,29 @@ def _whitening_penalty(x: Tensor, num_groups: int, limit: float) -> tuple[float,
     gradient is written out: dm/dC_g = 2 / (G P) * (C_g / (D^2 + eps) - S D / (D^2 + eps)^2 I)
     and dm/dx_g = 2 x_g dm/dC_g (C_g is symmetric; the centring passes it unchanged, since
     x_g dm/dC_g already has zero mean over frames): one product more than the metric, where
-    autograd's backward of x^T x takes two."""
+    autograd's backward of x^T x takes two.
+
+    With fewer frames N than channels P (a small batch, or a downsampled stack) the same
+    numbers come from the N x N Gram matrix K_g = x_g x_g^T: it has C_g's trace and sum of
+    squares, and x_g C_g = K_g x_g, so both products cost N^2 P instead of N P^2."""
     centred = _centred_groups(x, num_groups)
-    num_groups, _, per_group = centred.shape
-    covar = torch.matmul(centred.transpose(1, 2), centred)
+    num_groups, num_frames, per_group = centred.shape
+    use_gram = num_frames < per_group
+    transposed = centred.transpose(1, 2)
+    # C_g (P x P) or K_g (N x N): same diagonal sum, same sum of squares.
+    product = torch.matmul(centred, transposed) if use_gram else torch.matmul(transposed, centred)
     count = num_groups * per_group
-    mean_diag = torch.diagonal(covar, dim1=1, dim2=2).sum() / count
-    mean_sq = (covar**2).sum() / count
+    mean_diag = torch.diagonal(product, dim1=1, dim2=2).sum() / count
+    mean_sq = (product**2).sum() / count
     denom = mean_diag**2 + 1.0e-20
     metric = float(mean_sq / denom)
     if metric < limit:
         return metric, None
-    d_covar = covar.mul_(2.0 / (count * denom))  # covar is not needed after this
-    torch.diagonal(d_covar, dim1=1, dim2=2).sub_(2.0 * mean_sq * mean_diag / (count * denom**2))
-    grad = torch.matmul(centred, d_covar).mul_(2.0)  # (G, frames, P)
-    return metric, grad.transpose(0, 1).reshape(x.shape)
+    scaled = product.mul_(2.0 / (count * denom))  # the product is not needed after this
+    torch.diagonal(scaled, dim1=1, dim2=2).sub_(2.0 * mean_sq * mean_diag / (count * denom**2))
+    # x_g (a C_g - b I) = (a K_g - b I) x_g
+    grad = torch.matmul(scaled, centred) if use_gram else torch.matmul(centred, scaled)
+    return metric, grad.mul_(2.0).transpose(0, 1).reshape(x.shape)  # (G, frames, P) -> x's
 
 
 class _WhiteningPenaltyFunction(torch.autograd.Function):
