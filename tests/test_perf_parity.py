@@ -76,6 +76,27 @@ def test_two_pass_swoosh_equals_the_formula(name):
     torch.testing.assert_close(deriv, torch.sigmoid(x - offset) - 0.08, atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["SwooshL", "SwooshR"])
+def test_export_swoosh_equals_the_formula_and_exports_eight_ops(name, tmp_path):
+    """The exporters' Swoosh (LeakyRelu / Sigmoid / Log, 8 ONNX ops) equals the formula over
+    a wide range, large |x| included, and onnxruntime computes the same from its graph."""
+    import onnx
+    import onnxruntime as ort
+
+    x = torch.cat([torch.linspace(-1e4, 1e4, 2001), torch.linspace(-60.0, 60.0, 4001)])
+    formula = scaling.swoosh_l_formula if name == "SwooshL" else scaling.swoosh_r_formula
+    module = scaling.SwooshL() if name == "SwooshL" else scaling.SwooshR()
+    got = scaling._swoosh_for_export(x, *scaling._ACTIVATIONS[name])
+    torch.testing.assert_close(got, formula(x), atol=2e-6, rtol=1e-6)
+    path = tmp_path / "swoosh.onnx"
+    torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, opset_version=13)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node if n.op_type != "Constant"]
+    assert len(ops) == 8 and {"LeakyRelu", "Sigmoid", "Log"} <= set(ops), ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (ort_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(ort_out), formula(x), atol=2e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("activation", ["SwooshL", "SwooshR"])
 def test_activation_linear_gradients_match_plain_autograd(frozen, activation):
