@@ -117,6 +117,12 @@ def _flat_pieces(tensor: Tensor, max_elements: int) -> list[Tensor]:
     return [flat[i : i + max_elements] for i in range(0, flat.numel(), max_elements)]
 
 
+def _clamped_rms(p: Tensor, min_rms: float) -> Tensor:
+    """rms(p), at least min_rms, as norm / sqrt(n): one read of p, where (p**2).mean() writes
+    and reads a copy of it."""
+    return (torch.linalg.vector_norm(p) / math.sqrt(p.numel())).clamp(min=min_rms)
+
+
 class ScaledAdam(Optimizer):
     """Adam whose step for a tensor is proportional to the tensor's RMS (upstream's ScaledAdam).
 
@@ -210,7 +216,7 @@ class ScaledAdam(Optimizer):
                 if p.numel() > 1:
                     # What matters is the size of the update, which is proportional to the
                     # tensor's rms: weigh its gradient by it.
-                    rms = (p.detach().float() ** 2).mean().sqrt().clamp(min=group["param_min_rms"])
+                    rms = _clamped_rms(p.detach().float(), group["param_min_rms"])
                     grad = grad * rms
                 term = (grad**2).sum()
                 sumsq = term if sumsq is None else sumsq + term.to(sumsq.device)
@@ -291,7 +297,7 @@ class ScaledAdam(Optimizer):
         state["delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if p.numel() > 1:
-            rms = (p.detach() ** 2).mean().sqrt().clamp(min=group["param_min_rms"])
+            rms = _clamped_rms(p.detach(), group["param_min_rms"])
             state["param_rms"] = rms.reshape(1).to(p.dtype)
             state["scale_exp_avg_sq"] = torch.zeros((), dtype=p.dtype, device=p.device)
             state["scale_grads"] = torch.zeros(
@@ -317,9 +323,7 @@ class ScaledAdam(Optimizer):
         period = group["size_update_period"]
         step = state["step"]
         param_rms = state["param_rms"]
-        # rms as norm / sqrt(n): one read of p, where (p**2).mean() writes and reads a copy.
-        rms = torch.linalg.vector_norm(p) / math.sqrt(p.numel())
-        param_rms.copy_(rms.clamp(min=group["param_min_rms"]))
+        param_rms.copy_(_clamped_rms(p, group["param_min_rms"]))
         if step == 0:
             return
         scale_grads = state["scale_grads"]

@@ -95,20 +95,22 @@ def _softplus_stable(x: Tensor) -> Tensor:
     return torch.clamp(x, min=0.0) + torch.log1p(torch.exp(-x.abs()))
 
 
-def swoosh_l_formula(x: Tensor) -> Tensor:
-    offset, const = _SWOOSH_L
+def _swoosh_formula(x: Tensor, offset: float, const: float) -> Tensor:
     return _softplus_stable(x - offset) - _SWOOSH_SLOPE * x - const
+
+
+def swoosh_l_formula(x: Tensor) -> Tensor:
+    return _swoosh_formula(x, *_SWOOSH_L)
 
 
 def swoosh_r_formula(x: Tensor) -> Tensor:
-    offset, const = _SWOOSH_R
-    return _softplus_stable(x - offset) - _SWOOSH_SLOPE * x - const
+    return _swoosh_formula(x, *_SWOOSH_R)
 
 
 def _swoosh_eager(x: Tensor, offset: float, const: float) -> Tensor:
     """The Swoosh formula in two passes instead of ten: a fused softplus, then one in-place
-    multiply-add. Eager, no-gradient use only (exporters get the formula above, whose ops
-    every runtime has). softplus returns its input above 20, where log1p(exp(20)) - 20 is
+    multiply-add. Eager, no-gradient use only (exporters get `_swoosh_for_export` below, whose
+    ops every runtime has). softplus returns its input above 20, where log1p(exp(20)) - 20 is
     2e-9, below float32 resolution at that magnitude."""
     y = nn.functional.softplus(x - offset)
     return y.add_(x, alpha=-_SWOOSH_SLOPE).sub_(const)
@@ -136,23 +138,24 @@ def _swoosh_for_export(x: Tensor, offset: float, const: float) -> Tensor:
     return linear_part * positive_slope - log_part - (const + _SWOOSH_SLOPE * offset)
 
 
-def swoosh_l(x: Tensor) -> Tensor:
-    """SwooshL for the forward-only paths: the export formula while exporting, the plain one
+def _swoosh_forward_only(x: Tensor, offset: float, const: float) -> Tensor:
+    """Swoosh for the forward-only paths: the export formula while exporting, the plain one
     under autograd, else the two-pass eager one."""
     if is_exporting():
-        return _swoosh_for_export(x, *_SWOOSH_L)
+        return _swoosh_for_export(x, offset, const)
     if x.requires_grad and torch.is_grad_enabled():
-        return swoosh_l_formula(x)
-    return _swoosh_eager(x, *_SWOOSH_L)
+        return _swoosh_formula(x, offset, const)
+    return _swoosh_eager(x, offset, const)
+
+
+def swoosh_l(x: Tensor) -> Tensor:
+    """SwooshL for the forward-only paths (see _swoosh_forward_only)."""
+    return _swoosh_forward_only(x, *_SWOOSH_L)
 
 
 def swoosh_r(x: Tensor) -> Tensor:
-    """SwooshR counterpart of swoosh_l."""
-    if is_exporting():
-        return _swoosh_for_export(x, *_SWOOSH_R)
-    if x.requires_grad and torch.is_grad_enabled():
-        return swoosh_r_formula(x)
-    return _swoosh_eager(x, *_SWOOSH_R)
+    """SwooshR for the forward-only paths (see _swoosh_forward_only)."""
+    return _swoosh_forward_only(x, *_SWOOSH_R)
 
 
 def _swoosh_forward_and_deriv(x: Tensor, offset: float, const: float) -> tuple[Tensor, Tensor]:
@@ -332,7 +335,7 @@ class ActivationDropoutAndLinear(nn.Module):
             if consume_input and not is_exporting() and not x.requires_grad:
                 x = _swoosh_eager_(x, *_ACTIVATIONS[self.activation])
             else:
-                x = swoosh_l(x) if self.activation == "SwooshL" else swoosh_r(x)
+                x = _swoosh_forward_only(x, *_ACTIVATIONS[self.activation])
             if is_exporting():
                 return nn.functional.linear(x, self.weight, self.bias)
             return _linear_2d(x, self.weight, self.bias)
