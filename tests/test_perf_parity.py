@@ -63,6 +63,68 @@ def test_blocked_attention_without_positional_scores_matches():
     assert pos_emb.shape == (1, 21, 16)
 
 
+def test_exported_attention_weights_match_at_every_length_without_a_gather(tmp_path):
+    """The export's positional scores (one padded column, a flat slice, no index tensor) give
+    onnxruntime the autograd path's weights at lengths other than the traced one, T = 1 too."""
+    import onnx
+    import onnxruntime as ort
+
+    module, pos_encoder = _attention_module(seed=2)
+    x = torch.randn(9, 2, 64)
+    path = tmp_path / "attention.onnx"
+    torch.onnx.export(
+        module,
+        (x, pos_encoder(x)),
+        str(path),
+        dynamo=False,
+        opset_version=13,
+        input_names=["x", "pos_emb"],
+        dynamic_axes={"x": {0: "T", 1: "B"}, "pos_emb": {1: "P"}},
+    )
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "GatherElements" not in ops, ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seq_len in (1, 2, 7, 37):
+        x = torch.randn(seq_len, 3, 64)
+        pos_emb = pos_encoder(x)
+        reference = module(x.requires_grad_(True), pos_emb).detach()
+        feeds = {"x": x.detach().numpy(), "pos_emb": pos_emb.numpy()}
+        (got,) = session.run(None, feeds)
+        torch.testing.assert_close(torch.from_numpy(got), reference, atol=1e-6, rtol=1e-5)
+
+
+def test_exported_convolution_module_is_2d_and_matches_at_every_length(tmp_path):
+    """The export writes the depthwise convolution as a 2-D one (onnxruntime's fast kernels)
+    and onnxruntime computes the eager module's output at lengths other than the traced one."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(3)
+    module = zipformer.ConvolutionModule(channels=32, kernel_size=7).eval()
+    x = torch.randn(11, 2, 32)
+    path = tmp_path / "conv.onnx"
+    torch.onnx.export(
+        module,
+        (x,),
+        str(path),
+        dynamo=False,
+        opset_version=13,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "T", 1: "B"}},
+    )
+    graph = onnx.load(str(path)).graph
+    (conv,) = [n for n in graph.node if n.op_type == "Conv"]
+    kernel = [list(a.ints) for a in conv.attribute if a.name == "kernel_shape"]
+    assert kernel == [[1, 7]], kernel
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seq_len in (1, 5, 40):
+        x = torch.randn(seq_len, 3, 32)
+        with torch.no_grad():
+            expected = module(x)
+        (got,) = session.run(None, {"x": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["SwooshL", "SwooshR"])
 def test_two_pass_swoosh_equals_the_formula(name):
     x = torch.cat([torch.linspace(-60.0, 60.0, 4001), torch.randn(1000) * 5])

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from zipvoice.models.modules.fastpath import (
     depthwise_conv1d,
+    depthwise_conv1d_as_2d,
     gated_depthwise_conv,
     use_channels_last_conv,
     use_inference_layout,
@@ -726,7 +727,9 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
             return _blocked_attention_weights(q, k, p, pos, key_padding_mask, attn_mask)
 
         attn_scores = torch.matmul(q, k)  # (H, B, T, T)
-        if pos is not None:
+        if pos is not None and is_exporting():
+            attn_scores = attn_scores + self._rel_scores_for_export(p, pos, seq_len)
+        elif pos is not None:
             pos_scores = torch.matmul(p, pos)  # (H, B, T, 2T-1), column c = offset c-(T-1)
             attn_scores = attn_scores + self._rel_to_abs(pos_scores, seq_len)
 
@@ -745,14 +748,26 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
         return attn_weights
 
     @staticmethod
+    def _rel_scores_for_export(p: Tensor, pos: Tensor, seq_len: int) -> Tensor:
+        """The positional scores (H, B, T, T), [i, j] at offset j - i, in ops an ONNX runtime
+        runs as plain copies instead of a gather with a (H, B, T, T) index.
+
+        With one unused column appended to pos, row i of the (H, B, T, 2T) scores holds offset
+        j - i at column T-1-i+j, so flat position (T-1) + i*(2T-1) + j: one contiguous slice of
+        the flattened scores, read as rows of 2T-1, whose first T columns are the answer.
+        """
+        pos = nn.functional.pad(pos, (0, 1))  # (H, 1 or B, dp, 2T)
+        scores = torch.matmul(p, pos)  # (H, B, T, 2T)
+        num_heads, batch_size = scores.shape[0], scores.shape[1]
+        start = seq_len - 1
+        flat = scores.reshape(num_heads, batch_size, -1)
+        flat = flat[..., start : start + seq_len * (2 * seq_len - 1)]
+        return flat.reshape(num_heads, batch_size, seq_len, 2 * seq_len - 1)[..., :seq_len]
+
+    @staticmethod
     def _rel_to_abs(pos_scores: Tensor, seq_len: int) -> Tensor:
         """(H, B, T, 2T-1) by relative offset -> (H, B, T, T): [i, j] takes offset j - i."""
-        num_heads, batch_size, time1, n = pos_scores.shape
-        if is_exporting():
-            rows = torch.arange(time1 - 1, -1, -1, device=pos_scores.device).unsqueeze(1)
-            cols = torch.arange(seq_len, device=pos_scores.device).unsqueeze(0)
-            index = (rows + cols).expand(num_heads, batch_size, time1, seq_len)
-            return torch.gather(pos_scores, dim=3, index=index)
+        num_heads, batch_size = pos_scores.shape[:2]
         # Zero-copy view: step one row down and one column left per query.
         pos_scores = pos_scores.contiguous()
         return pos_scores.as_strided(
@@ -988,6 +1003,8 @@ class ConvolutionModule(nn.Module):
             x = x.masked_fill(src_key_padding_mask.unsqueeze(1), 0.0)
         if use_channels_last_conv(self.depthwise_conv, x):
             x = depthwise_conv1d(self.depthwise_conv, x)  # the same numbers, faster
+        elif torch.onnx.is_in_onnx_export():
+            x = depthwise_conv1d_as_2d(self.depthwise_conv, x)  # faster in onnxruntime
         else:
             x = self.depthwise_conv(x)
         x = self.balancer2(x).permute(2, 0, 1)  # (T, B, C)
