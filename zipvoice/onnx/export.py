@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from zipvoice.models.modules.lora_utils import is_lora_model
 from zipvoice.models.zipvoice import get_tokens_index
 from zipvoice.onnx import EXPORTERS
+from zipvoice.onnx.optimize import fuse_bias_gemm
 from zipvoice.utils.cli import quiet_info_logs
 from zipvoice.utils.fileio import atomic_copy, atomic_write, atomic_write_json
 from zipvoice.utils.manifest import write_manifest
@@ -221,6 +222,9 @@ def _export(
                 )
                 program.save(str(tmp))
         module.eval()  # the TorchScript exporter restores the wrapper's mode on the way out
+        graph = onnx.load(str(tmp))
+        if fuse_bias_gemm(graph):
+            onnx.save(graph, str(tmp))
         onnx.checker.check_model(str(tmp))
 
     atomic_write(path, write)
