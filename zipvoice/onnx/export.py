@@ -225,7 +225,7 @@ def _export(
         graph = onnx.load(str(tmp))
         if fuse_bias_gemm(graph):
             onnx.save(graph, str(tmp))
-        onnx.checker.check_model(str(tmp))
+        onnx.checker.check_model(graph)  # the graph in memory: no second parse of the file
 
     atomic_write(path, write)
 

@@ -18,31 +18,32 @@ import onnx
 from onnx import helper, numpy_helper
 
 _PREFIX = "zv_bias_gemm/"
+_ZERO, _MINUS_ONE = _PREFIX + "zero", _PREFIX + "minus_one"  # Slice bounds, one copy per graph
 
 
-def _fused_nodes(
-    prefix: str, x: str, weight: str, bias: str, out: str, width: int
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Flatten(x) -> Gemm(., weight, bias) -> Reshape(., shape(x)[:-1] + [width])."""
-    constants = [
-        numpy_helper.from_array(np.array([0], np.int64), prefix + "zero"),
-        numpy_helper.from_array(np.array([-1], np.int64), prefix + "minus_one"),
-        numpy_helper.from_array(np.array([width], np.int64), prefix + "width"),
-    ]
-    p = prefix
-    nodes = [
-        helper.make_node("Shape", [x], [p + "shape"], name=p + "shape"),
+def _fused_nodes(prefix: str, x: str, weight: str, bias: str, out: str) -> list[onnx.NodeProto]:
+    """Flatten(x) -> Gemm(., weight, bias) -> Reshape(., shape(x)[:-1] + [width]), with the
+    graph's shared `_ZERO` and `_MINUS_ONE` and this fusion's `<prefix>width` constants."""
+    return [
+        helper.make_node("Shape", [x], [prefix + "shape"], name=prefix + "shape"),
         helper.make_node(
-            "Slice", [p + "shape", p + "zero", p + "minus_one"], [p + "lead"], name=p + "lead"
+            "Slice", [prefix + "shape", _ZERO, _MINUS_ONE], [prefix + "lead"], name=prefix + "lead"
         ),
         helper.make_node(
-            "Concat", [p + "lead", p + "width"], [p + "out_shape"], axis=0, name=p + "out_shape"
+            "Concat",
+            [prefix + "lead", prefix + "width"],
+            [prefix + "out_shape"],
+            axis=0,
+            name=prefix + "out_shape",
         ),
-        helper.make_node("Flatten", [x], [p + "rows"], axis=-1, name=p + "rows"),
-        helper.make_node("Gemm", [p + "rows", weight, bias], [p + "product"], name=p + "gemm"),
-        helper.make_node("Reshape", [p + "product", p + "out_shape"], [out], name=p + "restore"),
+        helper.make_node("Flatten", [x], [prefix + "rows"], axis=-1, name=prefix + "rows"),
+        helper.make_node(
+            "Gemm", [prefix + "rows", weight, bias], [prefix + "product"], name=prefix + "gemm"
+        ),
+        helper.make_node(
+            "Reshape", [prefix + "product", prefix + "out_shape"], [out], name=prefix + "restore"
+        ),
     ]
-    return nodes, constants
 
 
 def _bias_of(
@@ -57,8 +58,9 @@ def _bias_of(
 
 
 def fuse_bias_gemm(model: onnx.ModelProto) -> int:
-    """Rewrite MatMul(x, W) + b (W a 2-D constant, b a 1-D constant, x of rank 3 or more and
-    the product used only by the Add) as one Gemm on flattened rows; returns how many."""
+    """Rewrite MatMul(x, W) + b (W a 2-D constant, b a 1-D constant, x not known to be 2-D,
+    which onnxruntime fuses itself, and the product used only by the Add) as one Gemm on
+    flattened rows; returns how many. Correct at any rank of x: Flatten keeps the last axis."""
     graph = model.graph
     constants = {init.name: init for init in graph.initializer}
     users: dict[str, list[int]] = {}
@@ -82,12 +84,15 @@ def fuse_bias_gemm(model: onnx.ModelProto) -> int:
         if bias is None or constants[bias].dims[0] != weight.dims[1]:
             continue
         prefix = f"{_PREFIX}{len(replaced)}/"
-        nodes, new_constants = _fused_nodes(
-            prefix, node.input[0], node.input[1], bias, add.output[0], weight.dims[1]
-        )
-        graph.initializer.extend(new_constants)
-        replaced[position] = nodes
+        width = numpy_helper.from_array(np.array([weight.dims[1]], np.int64), prefix + "width")
+        graph.initializer.append(width)
+        replaced[position] = _fused_nodes(prefix, node.input[0], node.input[1], bias, add.output[0])
         dropped.add(following[0])
+    if replaced:
+        graph.initializer.extend(
+            numpy_helper.from_array(np.array([value], np.int64), name)
+            for name, value in ((_ZERO, 0), (_MINUS_ONE, -1))
+        )
     _rebuild(graph, replaced, dropped)
     return len(replaced)
 
